@@ -1,0 +1,1 @@
+//! Server acceptor (owned by the connector work).

@@ -1,0 +1,1 @@
+//! Client connector (owned by the connector work).

@@ -1,0 +1,3 @@
+//! The tokio driver.
+pub mod acceptor;
+pub mod connector;
