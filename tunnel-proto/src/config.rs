@@ -1,0 +1,129 @@
+//! Protocol knobs. Every bound the session enforces is a field here, with its default and the
+//! trade-off it makes.
+
+use std::time::Duration;
+
+/// Which end of the websocket this session is. It decides who pings, who sends
+/// SyncConnections, how AddClient is treated, and which stream ids this side allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The side that dialed the websocket (an agent, or the dialing end of a peer link).
+    Client,
+    /// The side that accepted the websocket (the management server).
+    Server,
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub(crate) role: Role,
+    pub(crate) keepalive_interval: Option<Duration>,
+    pub(crate) keepalive_timeout: Duration,
+    pub(crate) sync_interval: Option<Duration>,
+    pub(crate) sync_grace: Duration,
+    pub(crate) pause_threshold: usize,
+    pub(crate) resume_threshold: usize,
+    pub(crate) max_stream_recv_buffer: usize,
+    pub(crate) max_stream_send_buffer: usize,
+    pub(crate) max_data_chunk: usize,
+    pub(crate) max_streams: usize,
+    pub(crate) max_connect_payload: usize,
+}
+
+impl SessionConfig {
+    /// Defaults for `role`, matching what a Go peer expects of that role (spec §1.4, §4.3).
+    pub fn new(role: Role) -> Self {
+        let client = role == Role::Client;
+        Self {
+            role,
+            keepalive_interval: client.then_some(Duration::from_secs(5)),
+            keepalive_timeout: Duration::from_secs(60),
+            sync_interval: client.then_some(Duration::from_secs(60)),
+            sync_grace: Duration::from_secs(60),
+            pause_threshold: 1 << 20,
+            resume_threshold: 256 << 10,
+            max_stream_recv_buffer: 32 << 20,
+            max_stream_send_buffer: 256 << 10,
+            max_data_chunk: 32 << 10,
+            max_streams: 16_384,
+            max_connect_payload: crate::wire::CONNECT_PAYLOAD_SAFE,
+        }
+    }
+
+    /// The role given at construction.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// How often to send a websocket Ping. Default: every 5 s for clients (a Go server drops a
+    /// client after 60 s without one), never for servers (Go servers never ping).
+    pub fn keepalive_interval(&mut self, interval: Option<Duration>) -> &mut Self {
+        self.keepalive_interval = interval;
+        self
+    }
+
+    /// How long the session lives without hearing from the peer. Default 60 s, Go's
+    /// `PingWaitDuration`. Anything received counts, Pings and Pongs included.
+    pub fn keepalive_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.keepalive_timeout = timeout;
+        self
+    }
+
+    /// How often a client sends SyncConnections. Default 60 s for clients, as Go; `None` never.
+    pub fn sync_interval(&mut self, interval: Option<Duration>) -> &mut Self {
+        self.sync_interval = interval;
+        self
+    }
+
+    /// How old a stream must be before a received SyncConnections that leaves it out may close
+    /// it. Default 60 s (one sync interval): a stream whose Connect was still in flight when the
+    /// peer took its snapshot is never killed (the race of remotedialer#88).
+    pub fn sync_grace(&mut self, grace: Duration) -> &mut Self {
+        self.sync_grace = grace;
+        self
+    }
+
+    /// Buffered bytes of one stream above which the peer is sent Pause (default 1 MiB), and
+    /// below which, after a read, Resume (default 256 KiB). Go uses 2 MiB and 256 KiB; a lower
+    /// pause point keeps memory down at no cost in throughput on the links we measured.
+    pub fn pause_thresholds(&mut self, pause: usize, resume: usize) -> &mut Self {
+        self.pause_threshold = pause.max(1);
+        self.resume_threshold = resume.min(self.pause_threshold);
+        self
+    }
+
+    /// Hard bound on one stream's unread bytes (default 32 MiB). Pause is advisory and Go peers
+    /// overshoot it (and send one message per application write, however large), so this sits
+    /// well above the pause point; past it the stream is reset and the tunnel carries on.
+    pub fn max_stream_recv_buffer(&mut self, bytes: usize) -> &mut Self {
+        self.max_stream_recv_buffer = bytes.max(1);
+        self
+    }
+
+    /// How many bytes one stream may queue for sending before writes wait (default 256 KiB).
+    pub fn max_stream_send_buffer(&mut self, bytes: usize) -> &mut Self {
+        self.max_stream_send_buffer = bytes.max(1);
+        self
+    }
+
+    /// Largest Data payload sent, and the scheduler's quantum (default 32 KiB, the size Go's
+    /// client pipe uses). Smaller chunks interleave streams more finely; larger ones cost
+    /// fewer frames per byte.
+    pub fn max_data_chunk(&mut self, bytes: usize) -> &mut Self {
+        self.max_data_chunk = bytes.max(1);
+        self
+    }
+
+    /// Most streams open at once (default 16,384). Connects beyond it get an Error.
+    pub fn max_streams(&mut self, streams: usize) -> &mut Self {
+        self.max_streams = streams;
+        self
+    }
+
+    /// Longest `proto/address` this side sends in a Connect. Default 100 bytes, what every Go
+    /// version reads; 266 is safe only for peers known to run remotedialer v0.5.0 or later.
+    pub fn max_connect_payload(&mut self, bytes: usize) -> &mut Self {
+        self.max_connect_payload = bytes.min(crate::wire::CONNECT_PAYLOAD_CAP);
+        self
+    }
+}
