@@ -79,24 +79,24 @@ pub enum Event {
 /// An AddClient/RemoveClient payload, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
-    /// The client key.
-    pub client_key: String,
+    /// The client key, byte for byte (Go strings need not be UTF-8).
+    pub client_key: Bytes,
     /// The announcing replica's session number.
     pub session_key: i64,
 }
 
 impl Announcement {
     /// Parses `clientKey/sessionKey` as Go's `addRemoteClient` does (split at the first `/`,
-    /// then `strconv.Atoi`).
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let text = String::from_utf8_lossy(payload);
+    /// then `strconv.Atoi` on the rest).
+    pub fn parse(payload: &Bytes) -> Result<Self, ProtocolError> {
         let invalid = |reason: String| ProtocolError::InvalidRemoteSession {
-            payload: text.to_string(),
+            payload: String::from_utf8_lossy(payload).into_owned(),
             reason,
         };
-        let Some((key, number)) = text.split_once('/') else {
+        let Some(slash) = payload.iter().position(|&b| b == b'/') else {
             return Err(invalid("not / separated".into()));
         };
+        let number = String::from_utf8_lossy(&payload[slash + 1..]);
         let session_key = number.parse::<i64>().map_err(|e| {
             let why = match e.kind() {
                 std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
@@ -107,14 +107,21 @@ impl Announcement {
             invalid(format!("strconv.Atoi: parsing {number:?}: {why}"))
         })?;
         Ok(Self {
-            client_key: key.to_string(),
+            client_key: payload.slice(..slash),
             session_key,
         })
     }
 
+    /// The client key as text (lossy for keys that are not UTF-8).
+    pub fn client_key_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.client_key)
+    }
+
     /// The wire payload.
     pub fn to_payload(&self) -> Bytes {
-        Bytes::from(format!("{}/{}", self.client_key, self.session_key))
+        let mut payload = self.client_key.to_vec();
+        payload.extend_from_slice(format!("/{}", self.session_key).as_bytes());
+        payload.into()
     }
 }
 
@@ -227,6 +234,11 @@ impl Session {
             closed: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Replaces the authorizer for Connects received from now on.
+    pub fn set_authorizer(&mut self, authorizer: Authorizer) {
+        self.authorizer = authorizer;
     }
 
     /// The configuration.
