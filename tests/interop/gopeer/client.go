@@ -40,7 +40,7 @@ func runClient(ctx context.Context, args []string) error {
 		case proto == "unix" && *dockerSocket != "" && address == *dockerSocket:
 			return true
 		}
-		logrus.Warnf("client: refusing connect %s/%s", proto, address)
+		logrus.WithFields(logrus.Fields{"proto": proto, "address": address}).Warn("client: refusing connect")
 		return false
 	}
 

@@ -40,7 +40,8 @@ func runServer(ctx context.Context, args []string) error {
 	srv.ClientConnectAuthorizer = func(proto, address string) bool {
 		ok := proto == "tcp"
 		if !ok {
-			logrus.Warnf("server: refusing client-initiated connect %s/%s", proto, address)
+			logrus.WithFields(logrus.Fields{"proto": proto, "address": address}).
+				Warn("server: refusing client-initiated connect")
 		}
 		return ok
 	}
