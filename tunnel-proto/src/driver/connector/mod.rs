@@ -56,6 +56,13 @@ impl<T: AsyncRead + AsyncWrite + ?Sized> AsyncReadWrite for T {}
 /// The type-erased transport under a connected websocket.
 pub type BoxedIo = Box<dyn AsyncReadWrite + Send + Unpin>;
 
+impl std::fmt::Debug for dyn AsyncReadWrite + Send + Unpin {
+    // So `WebSocketStream<BoxedIo>` is `Debug`, as `Result::unwrap` and friends need.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoxedIo")
+    }
+}
+
 /// Default for [`ConnectorConfig::set_handshake_timeout`]: 10 s, remotedialer's
 /// `HandshakeTimeOut`.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
