@@ -191,7 +191,8 @@ pub enum ConfigError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
-    /// TCP connect to the server (or to the proxy) failed, including name resolution.
+    /// TCP connect to the server failed, including name resolution (a proxy that cannot be
+    /// reached is [`ConnectError::ProxyIo`]).
     #[error("connecting to {addr}: {source}")]
     Connect {
         /// `host:port` dialed.
@@ -200,8 +201,9 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
-    /// The proxy answered `CONNECT` with a non-200 status (407: credentials missing or wrong).
-    #[error("proxy {proxy} refused CONNECT with HTTP {status}: {body}")]
+    /// The proxy answered `CONNECT` with a non-200 status. 407 means credentials are missing or
+    /// wrong; some proxies (tinyproxy) answer wrong credentials with 401 instead.
+    #[error("proxy {proxy} refused CONNECT with HTTP {status}{}: {body}", proxy_hint(*status))]
     ProxyRefused {
         /// The proxy, without credentials.
         proxy: String,
@@ -210,7 +212,7 @@ pub enum ConnectError {
         /// Its response body, bounded.
         body: String,
     },
-    /// The proxy conversation broke off.
+    /// The proxy could not be reached, or the conversation with it broke off.
     #[error("talking to proxy {proxy}: {source}")]
     ProxyIo {
         /// The proxy, without credentials.
@@ -264,6 +266,16 @@ pub enum ConnectError {
     /// The attempt did not finish within the handshake timeout.
     #[error("websocket handshake timed out after {0:?}")]
     Timeout(Duration),
+}
+
+fn proxy_hint(status: u16) -> &'static str {
+    match status {
+        407 | 401 => {
+            " (proxy credentials missing or wrong; check the user:password in the proxy URL)"
+        }
+        403 => " (the proxy does not allow this destination)",
+        _ => "",
+    }
 }
 
 // === impl ConnectorStats ===
@@ -461,8 +473,13 @@ impl Connector {
         let tcp = match proxy {
             Some(p) => {
                 tracing::debug!(proxy = %p, target = %target_addr, "dialing through proxy");
-                let addr = p.authority();
-                let mut tcp = dial(&addr).await?;
+                let mut tcp = dial(&p.authority()).await.map_err(|e| match e {
+                    ConnectError::Connect { source, .. } => ConnectError::ProxyIo {
+                        proxy: p.to_string(),
+                        source,
+                    },
+                    other => other,
+                })?;
                 proxy::connect_tunnel(
                     &mut tcp,
                     p,
