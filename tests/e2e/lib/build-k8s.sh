@@ -67,7 +67,7 @@ build_kube_apiserver() {
 
     info "fetching k8s.io/kubernetes@$K8S_VERSION go.mod from the Go module proxy"
     local kmod
-    kmod="$(cd "$K8S_DIR" && GOFLAGS= timeout 1800 go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | jq -r .GoMod)"
+    kmod="$(cd "$K8S_DIR" && GOFLAGS='' timeout 1800 go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | jq -r .GoMod)"
     [[ -s "$kmod" ]] || die "could not download k8s.io/kubernetes@$K8S_VERSION"
     local goline
     goline="$(grep -m1 -E '^go [0-9]' "$kmod")"
@@ -130,7 +130,7 @@ build_etcd() {
     mkdir -p "$ETCD_DIR/bin"
     cd "$ETCD_DIR"
     local emod goline
-    emod="$(cd "$ETCD_DIR" && GOFLAGS= timeout 1800 go mod download -json "go.etcd.io/etcd/server/v3@$ETCD_VERSION" | jq -r .GoMod)"
+    emod="$(cd "$ETCD_DIR" && GOFLAGS='' timeout 1800 go mod download -json "go.etcd.io/etcd/server/v3@$ETCD_VERSION" | jq -r .GoMod)"
     [[ -s "$emod" ]] || die "could not download go.etcd.io/etcd/server/v3@$ETCD_VERSION"
     goline="$(grep -m1 -E '^go [0-9]' "$emod")"
     info "etcd server go.mod: $goline"

@@ -8,7 +8,7 @@
 if [[ -n "${_TPE2E_COMMON_LOADED:-}" ]]; then return 0; fi
 _TPE2E_COMMON_LOADED=1
 
-E2E_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export E2E_LIB_DIR; E2E_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 E2E_CACHE="${E2E_CACHE:-${HOME:-/root}/.cache/tunnel-e2e}"
 export E2E_CACHE
 

@@ -173,6 +173,16 @@ do_stop() {
     local cpid="$dir/exec/containerd/containerd.pid"
     if pid_alive "$cpid"; then stop_pidfile "$cpid" containerd 10; fi
     unmount_below
+    # Empty cgroup parents left by --cgroup-parent (cgroup v1 and v2 layouts).
+    local cg n=0
+    for cg in /sys/fs/cgroup/*/"$NS_ID" /sys/fs/cgroup/"$NS_ID"; do
+        [[ -d "$cg" ]] || continue
+        # children first; rmdir fails (harmlessly) on a cgroup that still has tasks
+        while read -r sub; do rmdir "$sub" 2>/dev/null && n=$((n + 1)) || true; done \
+            < <(find "$cg" -mindepth 1 -type d 2>/dev/null | sort -r)
+        rmdir "$cg" 2>/dev/null && n=$((n + 1)) || true
+    done
+    ((n == 0)) || info "removed $n empty cgroup dir(s) named $NS_ID"
     rm -f "$SOCK"
     ok "stopped"
 }

@@ -45,6 +45,8 @@ KUBECTL="${KUBECTL:-kubectl}"
 SERVICE_CIDR="${SERVICE_CIDR:-10.43.0.0/16}"
 START_TIMEOUT="${KUBE_APISERVER_START_TIMEOUT:-180}"
 PKI="$dir/pki"
+USER_BIND="${APISERVER_BIND:-}"
+USER_PORT="${APISERVER_PORT:-}"
 
 # netns of a running instance is remembered in DIR/env
 if [[ -z "$netns" && -s "$dir/env" ]]; then
@@ -61,6 +63,10 @@ bg_start() {
         setsid "$@" >>"$log" 2>&1 </dev/null &
     fi
     echo $! >"$pidfile"
+}
+
+port_is_free() {
+    nsrun python3 -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' "$1" "$2" 2>/dev/null
 }
 
 readyz() {
@@ -93,7 +99,7 @@ gen_pki() {
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost,IP:127.0.0.1,IP:$ip,IP:$svc_ip
+subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost,IP:127.0.0.1,$([[ $ip == 127.0.0.1 ]] || echo "IP:$ip,")IP:$svc_ip
 EOF
     openssl req -newkey rsa:2048 -nodes -keyout "$PKI/apiserver.key" -out "$PKI/apiserver.csr" \
         -subj "/CN=kube-apiserver" 2>/dev/null
@@ -186,15 +192,24 @@ do_start() {
 
     # --- addresses
     local ip
-    if [[ -n "${APISERVER_BIND:-}" ]]; then
-        ip="$APISERVER_BIND"
+    local prev_ip="${APISERVER_IP:-}" prev_port="${APISERVER_PORT:-}"
+    if [[ -n "$USER_BIND" ]]; then
+        ip="$USER_BIND"
     elif [[ -n "$netns" ]]; then
         ip="$(ip -n "$netns" -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)"
         [[ -n "$ip" ]] || die "namespace $netns has no global IPv4 address"
     else
         ip=127.0.0.1
     fi
-    local port="${APISERVER_PORT:-$(free_port "$ip" "$netns")}"
+    # keep the previous port (stable kubeconfigs across restarts) while it is free
+    local port
+    if [[ -n "$USER_PORT" ]]; then
+        port="$USER_PORT"
+    elif [[ "$prev_ip" == "$ip" && -n "$prev_port" ]] && port_is_free "$ip" "$prev_port"; then
+        port="$prev_port"
+    else
+        port="$(free_port "$ip" "$netns")"
+    fi
     local etcd_port etcd_peer
     etcd_port="$(free_port 127.0.0.1 "$netns")"
     etcd_peer="$(free_port 127.0.0.1 "$netns")"
@@ -241,6 +256,7 @@ EOF
     ok "etcd pid $(cat "$dir/etcd.pid") healthy"
 
     step "kube-apiserver ($APISERVER_URL; wait <= ${START_TIMEOUT}s for /readyz)"
+    # shellcheck disable=SC2054  # commas inside flag values
     local args=(
         --etcd-servers="$ETCD_URL"
         --bind-address="$ip" --advertise-address="$ip" --secure-port="$port"
@@ -258,6 +274,9 @@ EOF
         --profiling=false
         --v=1
     )
+    # A loopback advertise address is rejected by the endpoint reconciler
+    # ("may not be in the loopback range"): no kubernetes Endpoints then.
+    if [[ "$ip" == 127.* ]]; then args+=(--endpoint-reconciler-type=none); fi
     echo "=== $(date -u +%FT%TZ) start: ${args[*]}" >>"$dir/kube-apiserver.log"
     local t0=$SECONDS
     bg_start "$dir/kube-apiserver.pid" "$dir/kube-apiserver.log" "$KUBE_APISERVER" "${args[@]}"
@@ -299,10 +318,12 @@ do_verify() {
     nsrun "$KUBECTL" --kubeconfig "$dir/cluster.kubeconfig" --token="$(cat "$dir/admin.token")" \
         auth whoami 2>&1 | sed 's/^/        /'
 
-    step "create namespace $ns, service account $sa, ClusterRoleBinding to 'view' (idempotent)"
+    step "create namespace $ns, service account $sa, ClusterRole $sa-read (get/list/watch namespaces) + binding (idempotent)"
     "$k" create namespace "$ns" --dry-run=client -o yaml | "$k" apply -f - | sed 's/^/        /'
     "$k" -n "$ns" create serviceaccount "$sa" --dry-run=client -o yaml | "$k" apply -f - | sed 's/^/        /'
-    "$k" create clusterrolebinding "$sa-view" --clusterrole=view --serviceaccount="$ns:$sa" \
+    "$k" create clusterrole "$sa-read" --verb=get,list,watch --resource=namespaces \
+        --dry-run=client -o yaml | "$k" apply -f - | sed 's/^/        /'
+    "$k" create clusterrolebinding "$sa-read" --clusterrole="$sa-read" --serviceaccount="$ns:$sa" \
         --dry-run=client -o yaml | "$k" apply -f - | sed 's/^/        /'
 
     step "kubectl create token $sa (TokenRequest API)"
@@ -312,7 +333,7 @@ do_verify() {
     info "token: ${tok:0:24}... ($(printf '%s' "$tok" | wc -c) chars)"
     ok "token issued"
 
-    step "use the token: auth whoami, get ns (allowed by 'view'), create ns (forbidden)"
+    step "use the token: auth whoami, get ns (allowed by $sa-read), create ns (forbidden)"
     local tk=(nsrun "$KUBECTL" --kubeconfig "$dir/cluster.kubeconfig" --token="$tok")
     "${tk[@]}" auth whoami 2>&1 | sed 's/^/        /'
     "${tk[@]}" get ns -o name | sed 's/^/        /'
