@@ -1,0 +1,122 @@
+//! Helpers shared by the loopback tests: websocket pairs over real loopback TCP (or in-memory
+//! pipes for virtual-time tests), a TCP echo service, an agent-style acceptor that pipes every
+//! stream to its target, and deterministic payloads with checksums.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Tunnel, pipe, websocket_config};
+use tunnel_proto::mux::Authorizer;
+use tunnel_proto::{Role, SessionConfig};
+
+pub fn allow_tcp() -> Authorizer {
+    Arc::new(|t| t.proto == "tcp")
+}
+
+/// A websocket pair over real loopback TCP: (client side, server side).
+pub async fn ws_pair_tcp() -> (WebSocketStream<TcpStream>, WebSocketStream<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = websocket_config(DEFAULT_MAX_MESSAGE);
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await.unwrap()
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (client, _) = tokio_tungstenite::client_async_with_config(format!("ws://{addr}/connect"), tcp, Some(config))
+        .await
+        .unwrap();
+    (client, server.await.unwrap())
+}
+
+/// A websocket pair over an in-memory pipe (for virtual-time tests).
+pub async fn ws_pair_memory() -> (
+    WebSocketStream<tokio::io::DuplexStream>,
+    WebSocketStream<tokio::io::DuplexStream>,
+) {
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let config = Some(websocket_config(DEFAULT_MAX_MESSAGE));
+    let client = WebSocketStream::from_raw_socket(a, WsRole::Client, config).await;
+    let server = WebSocketStream::from_raw_socket(b, WsRole::Server, config).await;
+    (client, server)
+}
+
+/// Starts both ends: the client ("agent") pipes every accepted stream to its TCP target.
+pub fn start_pair<S>(client_ws: WebSocketStream<S>, server_ws: WebSocketStream<S>) -> (Tunnel, Tunnel)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let agent = Tunnel::spawn(client_ws, SessionConfig::new(Role::Client), allow_tcp());
+    let server = Tunnel::spawn(server_ws, SessionConfig::new(Role::Server), Arc::new(|_| false));
+    serve_agent(agent.clone());
+    (agent, server)
+}
+
+/// Accepts streams and pipes each to its TCP target, like an agent.
+pub fn serve_agent(agent: Tunnel) {
+    tokio::spawn(async move {
+        while let Some(stream) = agent.accept().await {
+            tokio::spawn(async move {
+                let address = stream.target().address.clone();
+                match TcpStream::connect(&address).await {
+                    Ok(socket) => {
+                        let _ = pipe(stream, socket).await;
+                    }
+                    Err(err) => stream.reset(&format!("dial tcp {address}: {err}")),
+                }
+            });
+        }
+    });
+}
+
+/// Raises the open-files limit to the hard limit: a thousand streams need a few thousand
+/// sockets, more than the usual soft limit of 1024.
+pub fn raise_fd_limit() {
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    rlimit::Resource::NOFILE.set(hard, hard).unwrap();
+}
+
+/// A TCP echo service on loopback.
+pub async fn echo_server() -> std::net::SocketAddr {
+    raise_fd_limit();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let mut socket = match listener.accept().await {
+                Ok((socket, _)) => socket,
+                Err(err) => panic!("echo server cannot accept: {err}"),
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = socket.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Deterministic bytes for stream `seed` (xorshift), so every stream carries different data.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, 64 bits.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
