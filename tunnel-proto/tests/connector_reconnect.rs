@@ -70,8 +70,9 @@ async fn reconnects_after_server_restart_within_the_cap() {
             .unwrap();
         assert_eq!(connector.stats().snapshot().up, 1);
 
-        // Kill the server; the session ends; the loop fails to connect for a while.
-        server.stop().await;
+        // Kill the server (no graceful close); the session ends; the loop fails to connect
+        // for a while.
+        server.kill().await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         let down = connector.stats().snapshot();
         println!("while down: {down:?}");

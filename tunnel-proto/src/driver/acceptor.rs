@@ -20,7 +20,8 @@
 //! Shutdown: when the token passed to [`Acceptor::serve`] fires, the listener is dropped, every
 //! HTTP connection is told to finish its current request and close, tunnel callbacks see the
 //! same token in [`AcceptedTunnel::shutdown`], and `serve` returns once all of that is done, or
-//! after the grace period, when whatever is left is dropped.
+//! after the grace period, when whatever is left is dropped. Dropping the `serve` future itself
+//! (aborting its task) drops every connection and tunnel callback at once.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -374,14 +375,17 @@ impl Acceptor {
 
     /// Accepts connections on `listener` until `shutdown` fires, then shuts down gracefully
     /// (module docs). Returns once every connection and tunnel callback has finished or the
-    /// grace period has run out.
+    /// grace period has run out. Dropping this future drops every connection and tunnel
+    /// callback it started.
     ///
     /// Accept errors (such as running out of file descriptors) are logged and retried after a
     /// short pause rather than ending the server.
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
-        // Fired after the grace period: drops whatever is still running.
+        // Fired after the grace period, or when this future is dropped (the server is "killed"):
+        // drops every connection and tunnel callback still running.
         let hard_stop = CancellationToken::new();
+        let _kill_on_drop = hard_stop.clone().drop_guard();
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -469,6 +473,7 @@ impl Conn {
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
+            () = hard_stop.cancelled() => Ok(()),
             () = shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {

@@ -118,6 +118,12 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// Kills the server: aborts `serve`, which drops every connection and tunnel at once.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
     /// Stops the server (graceful, 1 s grace) and waits for it.
     pub async fn stop(self) {
         self.shutdown.cancel();
