@@ -44,9 +44,11 @@ kube_apiserver_ok() {
     [[ -x "$KUBE_APISERVER" ]] &&
         [[ "$("$KUBE_APISERVER" --version 2>/dev/null)" == "Kubernetes $K8S_VERSION" ]]
 }
+# first line of `etcd --version` (no `| head`: SIGPIPE + pipefail)
+etcd_version() { local v; v="$("$ETCD" --version 2>/dev/null || true)"; echo "${v%%$'\n'*}"; }
 etcd_ok() {
     [[ -x "$ETCD" ]] &&
-        "$ETCD" --version 2>/dev/null | grep -qx "etcd Version: ${ETCD_VERSION#v}"
+        [[ "$(etcd_version)" == "etcd Version: ${ETCD_VERSION#v}" ]]
 }
 
 fmt_dur() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
@@ -122,7 +124,7 @@ build_kube_apiserver() {
 build_etcd() {
     step "etcd $ETCD_VERSION -> $ETCD"
     if etcd_ok; then
-        ok "cached: $("$ETCD" --version | head -1) (skip build)"
+        ok "cached: $(etcd_version) (skip build)"
         return 0
     fi
     need_cmd go jq
@@ -160,7 +162,7 @@ build_etcd() {
     local dt=$((SECONDS - t1))
     etcd_ok || die "built etcd does not report $ETCD_VERSION: $("$ETCD" --version 2>&1)"
     echo "$(date -u +%FT%TZ) etcd $ETCD_VERSION go-build=${dt}s total=$((SECONDS - t0))s $(go version)" >>"$E2E_CACHE/build-times.log"
-    ok "$("$ETCD" --version | head -1) built: go build $(fmt_dur "$dt"), total $(fmt_dur $((SECONDS - t0)))"
+    ok "$(etcd_version) built: go build $(fmt_dur "$dt"), total $(fmt_dur $((SECONDS - t0)))"
 }
 
 what="${1:-all}"
@@ -195,4 +197,4 @@ case "$what" in
 esac
 step "done in $(fmt_dur $((SECONDS - T0)))"
 kube_apiserver_ok && info "KUBE_APISERVER=$KUBE_APISERVER ($("$KUBE_APISERVER" --version))" || true
-etcd_ok && info "ETCD=$ETCD ($("$ETCD" --version | head -1))" || true
+etcd_ok && info "ETCD=$ETCD ($(etcd_version))" || true

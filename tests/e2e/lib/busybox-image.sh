@@ -33,11 +33,13 @@ d() { timeout 120 docker -H "unix://$sock" "$@"; }
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
 step "checking $BUSYBOX"
 [[ -x "$BUSYBOX" ]] || die "$BUSYBOX missing (apt-get install busybox-static, or run deps.sh)"
-if ! file -b "$BUSYBOX" 2>/dev/null | grep -q 'statically linked'; then
-    command -v file >/dev/null 2>&1 && die "$BUSYBOX is not statically linked: install busybox-static"
+if command -v file >/dev/null 2>&1; then
+    ftype="$(file -b "$BUSYBOX" 2>/dev/null || true)"
+    [[ "$ftype" == *"statically linked"* ]] || die "$BUSYBOX is not statically linked: install busybox-static"
 fi
 sum="$(sha256sum "$BUSYBOX" | cut -d' ' -f1)"
-bbver="$("$BUSYBOX" 2>&1 | head -1 | awk '{print $2}')"
+bbver="$("$BUSYBOX" 2>&1 || true)"
+bbver="${bbver%%$'\n'*}"; bbver="$(awk '{print $2}' <<<"$bbver")"
 comment="tpe2e busybox-static $bbver sha256:$sum"
 info "busybox $bbver sha256 $sum"
 
@@ -121,7 +123,7 @@ if ((verify)); then
 
     step "verify: docker ps"
     d ps --filter "name=$name" --format '        {{.ID}} {{.Image}} {{.Status}} {{.Names}}'
-    d ps -q --filter "name=$name" | grep -q . || die "container not in docker ps"
+    [[ -n "$(d ps -q --filter "name=$name")" ]] || die "container not in docker ps"
     ok "listed"
 
     step "verify: docker logs $name"

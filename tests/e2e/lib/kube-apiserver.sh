@@ -84,7 +84,7 @@ gen_pki() {
     local ip="$1"
     mkdir -p "$PKI"
     if [[ -s "$PKI/ca.crt" && -s "$PKI/apiserver.crt" ]] &&
-        openssl x509 -in "$PKI/apiserver.crt" -noout -ext subjectAltName 2>/dev/null | grep -q "IP Address:$ip\b"; then
+        [[ "$(openssl x509 -in "$PKI/apiserver.crt" -noout -ext subjectAltName 2>/dev/null || true)" =~ IP\ Address:${ip//./\\.}(,|$) ]]; then
         info "PKI exists in $PKI (serving cert covers $ip)"
         return 0
     fi
@@ -179,7 +179,7 @@ do_start() {
         die "network namespace $netns does not exist (run netns.sh up)"
     fi
     step "kube-apiserver in $dir${netns:+ (netns $netns)}"
-    info "$("$KUBE_APISERVER" --version), $("$ETCD" --version | head -1)"
+    info "$("$KUBE_APISERVER" --version), $("$ETCD" --version | sed -n 1p)"
     if load_env && pid_alive "$dir/kube-apiserver.pid" && pid_alive "$dir/etcd.pid" &&
         [[ "$(readyz)" == ok ]]; then
         ok "already running and ready at $APISERVER_URL"
@@ -196,7 +196,7 @@ do_start() {
     if [[ -n "$USER_BIND" ]]; then
         ip="$USER_BIND"
     elif [[ -n "$netns" ]]; then
-        ip="$(ip -n "$netns" -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)"
+        ip="$(ip -n "$netns" -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | sed -n 1p)"
         [[ -n "$ip" ]] || die "namespace $netns has no global IPv4 address"
     else
         ip=127.0.0.1

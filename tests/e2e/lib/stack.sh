@@ -22,6 +22,7 @@ IMAGE="${E2E_IMAGE:-tpe2e/busybox:latest}"
 up() {
     need_root
     local t0=$SECONDS
+    trap 'warn "stack up FAILED at step ${_tpe2e_step_no}; rerun with output visible, or see the logs in $E2E_STATE"' ERR
     step "dependencies"
     if [[ "${E2E_INSTALL_DEPS:-0}" == 1 ]]; then "$L/deps.sh"; else "$L/deps.sh" --check; fi
     step "kube-apiserver and etcd binaries (cached build)"
