@@ -56,7 +56,11 @@ async fn thousand_concurrent_streams_echo_a_mebibyte_each() {
                 got
             };
             let (writer, got) = tokio::join!(write, read);
-            assert_eq!(checksum(&got), checksum(&data), "stream {seed} echoed other bytes");
+            assert_eq!(
+                checksum(&got),
+                checksum(&data),
+                "stream {seed} echoed other bytes"
+            );
             drop(reader.unsplit(writer));
         });
     }
@@ -82,7 +86,9 @@ async fn source_server() -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let chunk = vec![7u8; 64 << 10];
                 // Bounded: 4 GiB at most, far more than any test reads.
@@ -138,15 +144,24 @@ async fn stuck_reader_is_paused_while_round_trips_go_on() {
         latencies[495],
         received / 1024
     );
-    println!("server stats: {:?}\nagent stats: {:?}", server.stats(), agent.stats());
+    println!(
+        "server stats: {:?}\nagent stats: {:?}",
+        server.stats(),
+        agent.stats()
+    );
     // The stuck stream's buffer stays bounded: well under the hard cap despite an endless source.
-    assert!(received < 8 << 20, "the server kept receiving {received} bytes despite Pause");
+    assert!(
+        received < 8 << 20,
+        "the server kept receiving {received} bytes despite Pause"
+    );
     assert!(agent.take_protocol_errors().is_empty());
     drop(stuck);
 }
 
 /// A TCP relay between client and server that the test can cut.
-async fn relay(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+async fn relay(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = tokio::spawn(async move {
@@ -166,12 +181,19 @@ async fn dropped_websocket_fails_every_stream_promptly() {
     let config = tunnel_proto::driver::websocket_config(tunnel_proto::driver::DEFAULT_MAX_MESSAGE);
     let accept = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await.unwrap()
+        tokio_tungstenite::accept_async_with_config(tcp, Some(config))
+            .await
+            .unwrap()
     });
     let (relay_addr, relay_task) = relay(server_addr).await;
     let tcp = TcpStream::connect(relay_addr).await.unwrap();
-    let (client_ws, _) =
-        tokio_tungstenite::client_async_with_config(format!("ws://{relay_addr}/"), tcp, Some(config)).await.unwrap();
+    let (client_ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{relay_addr}/"),
+        tcp,
+        Some(config),
+    )
+    .await
+    .unwrap();
     let (agent, server) = start_pair(client_ws, accept.await.unwrap());
 
     let mut readers = JoinSet::new();
@@ -216,11 +238,17 @@ async fn dropped_websocket_fails_every_stream_promptly() {
         assert!(err.to_string().contains("tunnel closed"), "{err}");
         failed += 1;
     }
-    println!("{failed} streams failed {:?} after the websocket was cut", cut.elapsed());
+    println!(
+        "{failed} streams failed {:?} after the websocket was cut",
+        cut.elapsed()
+    );
     assert!(matches!(server.closed().await, SessionError::Transport(_)));
     assert!(matches!(agent.closed().await, SessionError::Transport(_)));
     assert!(server.accept().await.is_none());
-    assert!(server.open("tcp", "127.0.0.1:1").is_err(), "no new streams on a dead tunnel");
+    assert!(
+        server.open("tcp", "127.0.0.1:1").is_err(),
+        "no new streams on a dead tunnel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,8 +284,15 @@ async fn idle_tunnel_stays_up_on_pings_and_a_silent_peer_times_out() {
     let (agent, server) = start_pair(client_ws, server_ws);
     tokio::time::sleep(Duration::from_secs(150)).await;
     assert!(agent.close_reason().is_none(), "{:?}", agent.close_reason());
-    assert!(server.close_reason().is_none(), "{:?}", server.close_reason());
-    assert!(server.is_healthy(Duration::from_secs(6)), "the server hears the client's 5 s pings");
+    assert!(
+        server.close_reason().is_none(),
+        "{:?}",
+        server.close_reason()
+    );
+    assert!(
+        server.is_healthy(Duration::from_secs(6)),
+        "the server hears the client's 5 s pings"
+    );
 
     // A peer that never answers: it drains the bytes but speaks no websocket, so no Pong ever
     // comes back. The client gives up after 60 s.
@@ -276,8 +311,14 @@ async fn idle_tunnel_stays_up_on_pings_and_a_silent_peer_times_out() {
     let started = tokio::time::Instant::now();
     let reason = agent.closed().await;
     let elapsed = started.elapsed();
-    assert!(matches!(reason, SessionError::KeepaliveTimeout(_)), "{reason:?}");
-    assert!(elapsed >= Duration::from_secs(60) && elapsed < Duration::from_secs(66), "{elapsed:?}");
+    assert!(
+        matches!(reason, SessionError::KeepaliveTimeout(_)),
+        "{reason:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(60) && elapsed < Duration::from_secs(66),
+        "{elapsed:?}"
+    );
     reader.abort();
 }
 
@@ -287,12 +328,20 @@ async fn peer_ignoring_pause_gets_that_stream_reset_and_the_tunnel_lives() {
     let (client_ws, mut raw) = ws_pair_tcp().await;
     let agent = Tunnel::spawn(client_ws, SessionConfig::new(Role::Client), allow_tcp());
     let send = |m: Message| WsMessage::Binary(m.to_bytes());
-    raw.send(send(Message::new(1, 2, Body::Connect(Target::new("tcp", "10.0.0.1:80"))))).await.unwrap();
+    raw.send(send(Message::new(
+        1,
+        2,
+        Body::Connect(Target::new("tcp", "10.0.0.1:80")),
+    )))
+    .await
+    .unwrap();
     let stuck = agent.accept().await.unwrap();
     assert_eq!(stuck.id(), 2);
     let chunk = Bytes::from(vec![1u8; 1 << 20]);
     for i in 0..40 {
-        raw.send(send(Message::new(10 + i, 2, Body::Data(chunk.clone())))).await.unwrap();
+        raw.send(send(Message::new(10 + i, 2, Body::Data(chunk.clone()))))
+            .await
+            .unwrap();
     }
     // What came back: a Pause, then an Error on stream 2 only.
     let mut seen = Vec::new();
@@ -308,16 +357,36 @@ async fn peer_ignoring_pause_gets_that_stream_reset_and_the_tunnel_lives() {
     })
     .await
     .expect("no Error for the overrun stream");
-    assert!(seen.iter().any(|m| m.conn_id == 2 && m.body == Body::Pause), "{seen:?}");
+    assert!(
+        seen.iter().any(|m| m.conn_id == 2 && m.body == Body::Pause),
+        "{seen:?}"
+    );
     let error = seen.last().unwrap();
     assert_eq!(error.conn_id, 2);
-    let Body::Error(text) = &error.body else { unreachable!() };
-    assert!(std::str::from_utf8(text).unwrap().contains("limit"), "{text:?}");
+    let Body::Error(text) = &error.body else {
+        unreachable!()
+    };
+    assert!(
+        std::str::from_utf8(text).unwrap().contains("limit"),
+        "{text:?}"
+    );
     assert_eq!(agent.stats().buffer_limit_resets, 1);
 
     // The tunnel carries on: a new stream works.
-    raw.send(send(Message::new(90, 3, Body::Connect(Target::new("tcp", "10.0.0.1:81"))))).await.unwrap();
-    raw.send(send(Message::new(91, 3, Body::Data(Bytes::from_static(b"hi"))))).await.unwrap();
+    raw.send(send(Message::new(
+        90,
+        3,
+        Body::Connect(Target::new("tcp", "10.0.0.1:81")),
+    )))
+    .await
+    .unwrap();
+    raw.send(send(Message::new(
+        91,
+        3,
+        Body::Data(Bytes::from_static(b"hi")),
+    )))
+    .await
+    .unwrap();
     let mut next = agent.accept().await.unwrap();
     let mut buf = [0; 2];
     next.read_exact(&mut buf).await.unwrap();

@@ -19,9 +19,9 @@ use tunnel_proto::wire::{Body, DecodeError, Message, Target};
 use tunnel_proto::{Role, SessionConfig};
 
 fn vectors() -> Value {
-    let dir = std::env::var_os("TUNNEL_SPEC_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/spec")
-    });
+    let dir = std::env::var_os("TUNNEL_SPEC_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/spec"));
     let path = dir.join("vectors/frames.json");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e} (set TUNNEL_SPEC_DIR)", path.display()));
@@ -33,7 +33,9 @@ fn unhex(value: &Value) -> Vec<u8> {
 }
 
 fn int(value: &Value) -> i64 {
-    value.as_i64().unwrap_or_else(|| panic!("not an int64: {value}"))
+    value
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an int64: {value}"))
 }
 
 fn body_from_fields(fields: &Value) -> Body {
@@ -109,15 +111,36 @@ fn cases_both_ways() {
         let fields = &case["fields"];
         let wire = unhex(&case["hex"]);
 
-        let message = Message::new(int(&fields["id"]), int(&fields["conn_id"]), body_from_fields(fields));
-        assert_eq!(message.to_bytes().as_ref(), wire.as_slice(), "{name}: encoding");
-        assert_eq!(message.body.type_number(), int(&fields["type_number"]), "{name}");
+        let message = Message::new(
+            int(&fields["id"]),
+            int(&fields["conn_id"]),
+            body_from_fields(fields),
+        );
+        assert_eq!(
+            message.to_bytes().as_ref(),
+            wire.as_slice(),
+            "{name}: encoding"
+        );
+        assert_eq!(
+            message.body.type_number(),
+            int(&fields["type_number"]),
+            "{name}"
+        );
 
-        let decoded = Message::decode(Bytes::from(wire.clone())).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let decoded =
+            Message::decode(Bytes::from(wire.clone())).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(decoded.id, int(&fields["id"]), "{name}: id");
         assert_eq!(decoded.conn_id, int(&fields["conn_id"]), "{name}: conn_id");
-        assert_eq!(decoded.body.type_number(), int(&fields["type_number"]), "{name}: type");
-        assert_eq!(decoded.deadline, fields["deadline"].as_i64(), "{name}: deadline");
+        assert_eq!(
+            decoded.body.type_number(),
+            int(&fields["type_number"]),
+            "{name}: type"
+        );
+        assert_eq!(
+            decoded.deadline,
+            fields["deadline"].as_i64(),
+            "{name}: deadline"
+        );
         assert_eq!(decoded.body, message.body, "{name}: body");
         check_decoded(name, &decoded, &case["decoded"]);
     }
@@ -130,20 +153,41 @@ fn check_decoded(name: &str, message: &Message, decoded: &Value) {
         return;
     }
     if let Some(proto) = decoded.get("proto") {
-        let Body::Connect(target) = &message.body else { panic!("{name}: not a Connect") };
+        let Body::Connect(target) = &message.body else {
+            panic!("{name}: not a Connect")
+        };
         assert_eq!(target.proto, proto.as_str().unwrap(), "{name}: proto");
-        assert_eq!(target.address, decoded["address"].as_str().unwrap(), "{name}: address");
+        assert_eq!(
+            target.address,
+            decoded["address"].as_str().unwrap(),
+            "{name}: address"
+        );
     }
     if let Some(text) = decoded.get("error_text") {
-        let Body::Error(got) = &message.body else { panic!("{name}: not an Error") };
-        assert_eq!(got.as_ref(), text.as_str().unwrap().as_bytes(), "{name}: error text");
+        let Body::Error(got) = &message.body else {
+            panic!("{name}: not an Error")
+        };
+        assert_eq!(
+            got.as_ref(),
+            text.as_str().unwrap().as_bytes(),
+            "{name}: error text"
+        );
         if let Some(graceful) = decoded.get("graceful_eof") {
-            assert_eq!(got.as_ref() == b"EOF", graceful.as_bool().unwrap(), "{name}: EOF");
+            assert_eq!(
+                got.as_ref() == b"EOF",
+                graceful.as_bool().unwrap(),
+                "{name}: EOF"
+            );
         }
     }
     if let Some(ids) = decoded.get("ids") {
-        let Body::SyncConnections(payload) = &message.body else { panic!("{name}: not a Sync") };
-        let got: Vec<i64> = payload.chunks(8).map(|w| i64::from_le_bytes(w.try_into().unwrap())).collect();
+        let Body::SyncConnections(payload) = &message.body else {
+            panic!("{name}: not a Sync")
+        };
+        let got: Vec<i64> = payload
+            .chunks(8)
+            .map(|w| i64::from_le_bytes(w.try_into().unwrap()))
+            .collect();
         let want: Vec<i64> = ids.as_array().unwrap().iter().map(int).collect();
         assert_eq!(got, want, "{name}: ids");
     }
@@ -180,16 +224,31 @@ fn malformed_fail_at_go_stage() {
             // The stage: codec errors are DecodeError, the rest come from the session core.
             match stage {
                 "newServerMessage" => {
-                    assert!(matches!(error, ProtocolError::Decode(_)), "{name}: {error:?}");
-                    let ProtocolError::Decode(decode) = &error else { unreachable!() };
-                    assert_eq!(Message::decode(wire.clone()).unwrap_err(), *decode, "{name}");
+                    assert!(
+                        matches!(error, ProtocolError::Decode(_)),
+                        "{name}: {error:?}"
+                    );
+                    let ProtocolError::Decode(decode) = &error else {
+                        unreachable!()
+                    };
+                    assert_eq!(
+                        Message::decode(wire.clone()).unwrap_err(),
+                        *decode,
+                        "{name}"
+                    );
                 }
                 "Serve" => assert_eq!(error, ProtocolError::WrongMessageType, "{name}"),
                 "clientConnect" => {
-                    assert!(matches!(error, ProtocolError::ConnectNotAllowed { .. }), "{name}")
+                    assert!(
+                        matches!(error, ProtocolError::ConnectNotAllowed { .. }),
+                        "{name}"
+                    )
                 }
                 "addRemoteClient" | "removeRemoteClient" => {
-                    assert!(matches!(error, ProtocolError::InvalidRemoteSession { .. }), "{name}");
+                    assert!(
+                        matches!(error, ProtocolError::InvalidRemoteSession { .. }),
+                        "{name}"
+                    );
                     Message::decode(wire.clone()).expect("decodes at the codec stage");
                 }
                 "syncConnections" => assert_eq!(error, ProtocolError::SyncFormat, "{name}"),
@@ -198,21 +257,30 @@ fn malformed_fail_at_go_stage() {
             assert_eq!(error.to_string(), go_error, "{name}: same text as Go");
             // Unlike Go, the session survives: stream 2 is still open and working.
             assert!(session.closed().is_none(), "{name}");
-            assert!(session.open_stream_ids().contains(&2), "{name}: stream 2 survived");
+            assert!(
+                session.open_stream_ids().contains(&2),
+                "{name}: stream 2 survived"
+            );
             let (sent, _) = drain(&mut session);
             if matches!(error, ProtocolError::ConnectNotAllowed { .. })
                 || matches!(error, ProtocolError::Decode(DecodeError::ConnectAddress))
             {
                 // The refused stream alone gets an Error.
-                let conn = Message::decode(wire.clone()).map(|m| m.conn_id).unwrap_or(2);
+                let conn = Message::decode(wire.clone())
+                    .map(|m| m.conn_id)
+                    .unwrap_or(2);
                 assert!(
-                    sent.iter().any(|m| matches!(m.body, Body::Error(_)) && (m.conn_id == conn || stage == "newServerMessage")),
+                    sent.iter().any(|m| matches!(m.body, Body::Error(_))
+                        && (m.conn_id == conn || stage == "newServerMessage")),
                     "{name}: an Error for the refused stream: {sent:?}"
                 );
             }
         }
     }
-    println!("vectors: {} malformed inputs rejected at Go's stage, session kept", malformed.len());
+    println!(
+        "vectors: {} malformed inputs rejected at Go's stage, session kept",
+        malformed.len()
+    );
 }
 
 #[test]
@@ -227,19 +295,37 @@ fn tolerated_accepted_with_listed_behaviour() {
         let message = Message::decode(wire.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(message.id, int(&decoded["id"]), "{name}");
         assert_eq!(message.conn_id, int(&decoded["conn_id"]), "{name}");
-        assert_eq!(message.body.type_number(), int(&decoded["type_number"]), "{name}");
-        assert_eq!(message.deadline, decoded["deadline"].as_i64(), "{name}: deadline");
+        assert_eq!(
+            message.body.type_number(),
+            int(&decoded["type_number"]),
+            "{name}"
+        );
+        assert_eq!(
+            message.deadline,
+            decoded["deadline"].as_i64(),
+            "{name}: deadline"
+        );
         if let Some(canonical) = case.get("canonical_hex") {
             let canonical = unhex(canonical);
             // Re-encoding gives Go's canonical form (our sender writes deadline 15000).
             if !matches!(message.body, Body::Connect(_)) || message.deadline == Some(15000) {
-                assert_eq!(message.to_bytes().as_ref(), canonical.as_slice(), "{name}: canonical");
+                assert_eq!(
+                    message.to_bytes().as_ref(),
+                    canonical.as_slice(),
+                    "{name}: canonical"
+                );
             }
         }
         check_decoded(name, &message, decoded);
         if let Some(payload) = case.get("payload_seen_by_go_hex") {
-            let Body::Data(got) = &message.body else { panic!("{name}") };
-            assert_eq!(got.as_ref(), unhex(payload).as_slice(), "{name}: payload as Go sees it");
+            let Body::Data(got) = &message.body else {
+                panic!("{name}")
+            };
+            assert_eq!(
+                got.as_ref(),
+                unhex(payload).as_slice(),
+                "{name}: payload as Go sees it"
+            );
         }
 
         let open: Vec<i64> = case["receiver_open_streams"]
@@ -253,7 +339,9 @@ fn tolerated_accepted_with_listed_behaviour() {
         for role in roles_for(case["receiver"].as_str().unwrap()) {
             let (mut session, now) = session_with_streams(role, &open, Arc::new(|_| true));
             let later = now + Duration::from_secs(1);
-            session.handle_binary(later, wire.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            session
+                .handle_binary(later, wire.clone())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(session.closed().is_none(), "{name}");
             let (sent, events) = drain(&mut session);
             check_behaviour(name, case, &mut session, &message, &sent, &events);
@@ -262,62 +350,131 @@ fn tolerated_accepted_with_listed_behaviour() {
     println!("vectors: {} tolerated inputs accepted", tolerated.len());
 }
 
-fn check_behaviour(name: &str, case: &Value, session: &mut Session, message: &Message, sent: &[Message], events: &[Event]) {
+fn check_behaviour(
+    name: &str,
+    case: &Value,
+    session: &mut Session,
+    message: &Message,
+    sent: &[Message],
+    events: &[Event],
+) {
     let conn = message.conn_id;
     match case["go_outcome"].as_str().unwrap() {
         "data_buffered" => {
-            let Body::Data(payload) = &message.body else { panic!("{name}") };
-            assert_eq!(session.read_chunk(conn, usize::MAX).unwrap(), Chunk::Data(payload.clone()), "{name}");
+            let Body::Data(payload) = &message.body else {
+                panic!("{name}")
+            };
+            assert_eq!(
+                session.read_chunk(conn, usize::MAX).unwrap(),
+                Chunk::Data(payload.clone()),
+                "{name}"
+            );
         }
         "paused" => {
             // The stream is paused for sending: a write is queued but not transmitted.
             assert_eq!(session.write(conn, b"x").unwrap(), 1, "{name}");
-            assert!(session.poll_transmit().is_none(), "{name}: paused stream sent data");
+            assert!(
+                session.poll_transmit().is_none(),
+                "{name}: paused stream sent data"
+            );
         }
         "stream_opened" => {
-            assert!(events.contains(&Event::Incoming(conn)), "{name}: {events:?}");
+            assert!(
+                events.contains(&Event::Incoming(conn)),
+                "{name}: {events:?}"
+            );
             let decoded = &case["decoded"];
             let (target, _) = session.stream_target(conn).unwrap();
             assert_eq!(target.proto, decoded["proto"].as_str().unwrap(), "{name}");
-            assert_eq!(target.address, decoded["address"].as_str().unwrap(), "{name}");
+            assert_eq!(
+                target.address,
+                decoded["address"].as_str().unwrap(),
+                "{name}"
+            );
         }
         "ignored" | "no_change" | "recorded" => {
             assert!(sent.is_empty(), "{name}: nothing is answered: {sent:?}");
-            for id in case["receiver_open_streams"].as_array().into_iter().flatten() {
-                assert!(session.open_stream_ids().contains(&int(id)), "{name}: stream kept");
+            for id in case["receiver_open_streams"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                assert!(
+                    session.open_stream_ids().contains(&int(id)),
+                    "{name}: stream kept"
+                );
             }
             if case["go_outcome"] == "recorded" && session.config().role() == Role::Server {
-                let Some(Event::ClientAdded(a)) = events.first() else { panic!("{name}: {events:?}") };
-                assert_eq!(a.client_key.as_ref(), unhex(&case["recorded_client_key_hex"]).as_slice(), "{name}");
+                let Some(Event::ClientAdded(a)) = events.first() else {
+                    panic!("{name}: {events:?}")
+                };
+                assert_eq!(
+                    a.client_key.as_ref(),
+                    unhex(&case["recorded_client_key_hex"]).as_slice(),
+                    "{name}"
+                );
                 assert_eq!(a.session_key, int(&case["recorded_session_key"]), "{name}");
             }
         }
         "stream_closed_and_error_echoed" => {
             // Closed; this side does not echo (Go never waits for an echo, spec §4.2).
-            let Body::Error(text) = &message.body else { panic!("{name}") };
+            let Body::Error(text) = &message.body else {
+                panic!("{name}")
+            };
             let err = session.read_chunk(conn, 1).unwrap_err();
-            assert_eq!(err, StreamError::Reset(String::from_utf8_lossy(text).into_owned()), "{name}");
+            assert_eq!(
+                err,
+                StreamError::Reset(String::from_utf8_lossy(text).into_owned()),
+                "{name}"
+            );
             assert!(!session.open_stream_ids().contains(&conn), "{name}");
         }
         "reply_error" => {
             let reply = &case["reply"];
             assert_eq!(sent.len(), 1, "{name}: {sent:?}");
             assert_eq!(sent[0].conn_id, int(&reply["conn_id"]), "{name}");
-            let Body::Error(text) = &sent[0].body else { panic!("{name}") };
-            assert_eq!(text.as_ref(), reply["text"].as_str().unwrap().as_bytes(), "{name}");
+            let Body::Error(text) = &sent[0].body else {
+                panic!("{name}")
+            };
+            assert_eq!(
+                text.as_ref(),
+                reply["text"].as_str().unwrap().as_bytes(),
+                "{name}"
+            );
         }
         "streams_closed_silently" => {
-            assert!(sent.is_empty(), "{name}: closed without any message: {sent:?}");
-            let closed: Vec<i64> = case["streams_closed_without_error_message"].as_array().unwrap().iter().map(int).collect();
-            let listed: Vec<i64> = case["decoded"]["ids"].as_array().unwrap().iter().map(int).collect();
-            for id in case["receiver_open_streams"].as_array().unwrap().iter().map(int) {
+            assert!(
+                sent.is_empty(),
+                "{name}: closed without any message: {sent:?}"
+            );
+            let closed: Vec<i64> = case["streams_closed_without_error_message"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(int)
+                .collect();
+            let listed: Vec<i64> = case["decoded"]["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(int)
+                .collect();
+            for id in case["receiver_open_streams"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(int)
+            {
                 let open = session.open_stream_ids().contains(&id);
                 if listed.contains(&id) {
                     // Deviation on purpose: Go's merge closes listed streams when the list is
                     // unsorted (its bug); this side keeps every listed stream.
                     assert!(open, "{name}: listed stream {id} kept");
                 } else {
-                    assert!(closed.contains(&id) && !open, "{name}: unlisted stream {id} closed");
+                    assert!(
+                        closed.contains(&id) && !open,
+                        "{name}: unlisted stream {id} closed"
+                    );
                 }
             }
         }

@@ -40,7 +40,9 @@ pub use pipe::{PipeStats, pipe};
 pub use stream::Stream;
 
 use crate::config::SessionConfig;
-use crate::mux::{Authorizer, Event, OpenError, ProtocolError, Session, SessionError, Stats, Transmit};
+use crate::mux::{
+    Authorizer, Event, OpenError, ProtocolError, Session, SessionError, Stats, Transmit,
+};
 use crate::wire::Target;
 
 /// Websocket settings that keep an idle tunnel small: 8 KiB read chunks instead of
@@ -92,7 +94,9 @@ impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the session half-updated in a way that
         // matters more than losing the tunnel, so a poisoned lock is used as is.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Wakes the driver so it sends what the last command queued.
@@ -110,7 +114,11 @@ fn now() -> std::time::Instant {
 impl Tunnel {
     /// Starts a session over `ws`. Returns the handle and the driver future, which must be
     /// spawned (or awaited); it resolves with the reason the session ended.
-    pub fn new<S>(ws: WebSocketStream<S>, config: SessionConfig, authorizer: Authorizer) -> (Tunnel, Driver<S>)
+    pub fn new<S>(
+        ws: WebSocketStream<S>,
+        config: SessionConfig,
+        authorizer: Authorizer,
+    ) -> (Tunnel, Driver<S>)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -290,11 +298,18 @@ where
                 Some(Ok(WsMessage::Pong(_))) => state.session.handle_pong(now),
                 Some(Ok(WsMessage::Frame(_))) => {}
                 Some(Ok(WsMessage::Close(frame))) => {
-                    let why = frame.map_or_else(|| "close frame".to_string(), |f| format!("close frame {}: {}", f.code, f.reason));
+                    let why = frame.map_or_else(
+                        || "close frame".to_string(),
+                        |f| format!("close frame {}: {}", f.code, f.reason),
+                    );
                     state.session.close_session(SessionError::Transport(why));
                 }
-                Some(Err(err)) => state.session.close_session(SessionError::Transport(err.to_string())),
-                None => state.session.close_session(SessionError::Transport("connection closed".into())),
+                Some(Err(err)) => state
+                    .session
+                    .close_session(SessionError::Transport(err.to_string())),
+                None => state
+                    .session
+                    .close_session(SessionError::Transport("connection closed".into())),
             }
             dispatch_events(&mut state, wake);
             if state.session.closed().is_some() {
@@ -307,7 +322,11 @@ where
     }
 
     /// Writes what the session has scheduled; returns whether anything moved.
-    fn poll_outbound(&mut self, cx: &mut Context<'_>, wake: &mut Vec<Waker>) -> Result<bool, tungstenite::Error> {
+    fn poll_outbound(
+        &mut self,
+        cx: &mut Context<'_>,
+        wake: &mut Vec<Waker>,
+    ) -> Result<bool, tungstenite::Error> {
         let mut progressed = false;
         for _ in 0..WRITE_BATCH {
             if self.pending.is_none() {
@@ -352,6 +371,14 @@ fn record_violation(state: &mut State, err: ProtocolError) {
     }
 }
 
+/// Every waiter, for when the session has ended.
+fn take_all_wakers(state: &mut State, wake: &mut Vec<Waker>) {
+    wake.extend(state.acceptor.take());
+    wake.append(&mut state.closed_waiters);
+    wake.extend(state.readers.drain().map(|(_, w)| w));
+    wake.extend(state.writers.drain().map(|(_, w)| w));
+}
+
 /// Turns the session's events into wakers to call once the lock is released.
 fn dispatch_events(state: &mut State, wake: &mut Vec<Waker>) {
     while let Some(event) = state.session.poll_event() {
@@ -362,8 +389,12 @@ fn dispatch_events(state: &mut State, wake: &mut Vec<Waker>) {
             }
             Event::Readable(id) => wake.extend(state.readers.remove(&id)),
             Event::Writable(id) => wake.extend(state.writers.remove(&id)),
-            Event::ClientAdded(a) => tracing::debug!(key = %a.client_key_str(), "peer announced client"),
-            Event::ClientRemoved(a) => tracing::debug!(key = %a.client_key_str(), "peer withdrew client"),
+            Event::ClientAdded(a) => {
+                tracing::debug!(key = %a.client_key_str(), "peer announced client")
+            }
+            Event::ClientRemoved(a) => {
+                tracing::debug!(key = %a.client_key_str(), "peer withdrew client")
+            }
         }
     }
 }
@@ -381,7 +412,11 @@ where
             // Registered before looking for work, so a command issued after the look still
             // wakes this task.
             let mut state = this.shared.lock();
-            if !state.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            if !state
+                .driver
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
                 state.driver = Some(cx.waker().clone());
             }
         }
@@ -392,7 +427,9 @@ where
                 Ok(progress) => progress,
                 Err(err) => {
                     let mut state = this.shared.lock();
-                    state.session.close_session(SessionError::Transport(err.to_string()));
+                    state
+                        .session
+                        .close_session(SessionError::Transport(err.to_string()));
                     dispatch_events(&mut state, &mut wake);
                     false
                 }
@@ -422,19 +459,23 @@ where
             let timer_fired = this.sleep.as_mut().poll(cx).is_ready();
 
             let mut state = this.shared.lock();
-            if close_requested && state.session.closed().is_none() && !state.session.has_transmit() && this.pending.is_none() && !this.flush_needed {
+            if close_requested
+                && state.session.closed().is_none()
+                && !state.session.has_transmit()
+                && this.pending.is_none()
+                && !this.flush_needed
+            {
                 state.session.close_session(SessionError::Local);
                 dispatch_events(&mut state, &mut wake);
             }
             if !open && state.session.closed().is_none() {
-                state.session.close_session(SessionError::Transport("connection closed".into()));
+                state
+                    .session
+                    .close_session(SessionError::Transport("connection closed".into()));
                 dispatch_events(&mut state, &mut wake);
             }
             if let Some(err) = state.session.closed().cloned() {
-                wake.extend(state.acceptor.take());
-                wake.extend(state.closed_waiters.drain(..));
-                wake.extend(state.readers.drain().map(|(_, w)| w));
-                wake.extend(state.writers.drain().map(|(_, w)| w));
+                take_all_wakers(&mut state, &mut wake);
                 break Poll::Ready(err);
             }
             drop(state);
@@ -458,13 +499,12 @@ impl<S> Drop for Driver<S> {
         let mut wake = Vec::new();
         let mut state = self.shared.lock();
         if state.session.closed().is_none() {
-            state.session.close_session(SessionError::Transport("tunnel driver stopped".into()));
+            state
+                .session
+                .close_session(SessionError::Transport("tunnel driver stopped".into()));
         }
         dispatch_events(&mut state, &mut wake);
-        wake.extend(state.acceptor.take());
-        wake.extend(state.closed_waiters.drain(..));
-        wake.extend(state.readers.drain().map(|(_, w)| w));
-        wake.extend(state.writers.drain().map(|(_, w)| w));
+        take_all_wakers(&mut state, &mut wake);
         drop(state);
         for waker in wake {
             waker.wake();

@@ -135,7 +135,10 @@ pub async fn pipe<S: LocalSocket>(mut stream: Stream, mut socket: S) -> io::Resu
     // Flush what the tunnel already delivered, then close the socket (dropped below).
     if let Some(mut chunk) = outgoing.take() {
         let len = chunk.remaining() as u64;
-        if tokio::io::AsyncWriteExt::write_all_buf(&mut socket, &mut chunk).await.is_ok() {
+        if tokio::io::AsyncWriteExt::write_all_buf(&mut socket, &mut chunk)
+            .await
+            .is_ok()
+        {
             stats.to_local += len;
         }
     }

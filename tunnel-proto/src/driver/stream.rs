@@ -55,7 +55,11 @@ impl Stream {
     }
 
     /// Takes up to `max` received bytes without copying them; `Ok(None)` at a graceful end.
-    pub fn poll_read_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Option<Bytes>>> {
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
         let mut state = self.shared.lock();
         match state.session.read_chunk(self.id, max) {
             Ok(Chunk::Data(bytes)) => {
@@ -77,12 +81,15 @@ impl Stream {
 /// Maps a stream error to the `io::ErrorKind` a TCP user would expect.
 pub(crate) fn to_io(err: StreamError) -> io::Error {
     let kind = match &err {
-        StreamError::Reset(text) if text.to_ascii_lowercase().contains("connection refused") => io::ErrorKind::ConnectionRefused,
+        StreamError::Reset(text) if text.to_ascii_lowercase().contains("connection refused") => {
+            io::ErrorKind::ConnectionRefused
+        }
         StreamError::Reset(text) if text.contains("i/o timeout") => io::ErrorKind::TimedOut,
         StreamError::Refused(_) => io::ErrorKind::PermissionDenied,
-        StreamError::Reset(_) | StreamError::Synced | StreamError::Replaced | StreamError::BufferLimit { .. } => {
-            io::ErrorKind::ConnectionReset
-        }
+        StreamError::Reset(_)
+        | StreamError::Synced
+        | StreamError::Replaced
+        | StreamError::BufferLimit { .. } => io::ErrorKind::ConnectionReset,
         StreamError::LocallyReset(_) | StreamError::Tunnel(_) => io::ErrorKind::ConnectionAborted,
         StreamError::Closed | StreamError::Unknown(_) => io::ErrorKind::BrokenPipe,
     };
@@ -90,7 +97,11 @@ pub(crate) fn to_io(err: StreamError) -> io::Error {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut state = self.shared.lock();
         match state.session.read(self.id, buf.initialize_unfilled()) {
             Ok(ReadOutcome::Data(n)) => {
@@ -111,7 +122,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }

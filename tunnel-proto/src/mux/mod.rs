@@ -296,12 +296,16 @@ impl Session {
     fn queue_message(&mut self, conn_id: i64, body: Body) {
         let id = self.message_id();
         let message = Message::new(id, conn_id, body);
-        self.control.push_back(Transmit::Message(message.to_bytes()));
+        self.control
+            .push_back(Transmit::Message(message.to_bytes()));
     }
 
     fn queue_error(&mut self, conn_id: i64, text: &str) {
         let text = wire::cap_error_text(text);
-        self.queue_message(conn_id, Body::Error(Bytes::copy_from_slice(text.as_bytes())));
+        self.queue_message(
+            conn_id,
+            Body::Error(Bytes::copy_from_slice(text.as_bytes())),
+        );
     }
 
     fn reap(&mut self, id: i64) {
@@ -415,7 +419,12 @@ impl Session {
         Ok(())
     }
 
-    fn recv_connect(&mut self, now: Instant, conn_id: i64, target: Target) -> Result<(), ProtocolError> {
+    fn recv_connect(
+        &mut self,
+        now: Instant,
+        conn_id: i64,
+        target: Target,
+    ) -> Result<(), ProtocolError> {
         if !(self.authorizer)(&target) {
             self.stats.connects_refused += 1;
             self.queue_error(conn_id, "connect not allowed");
@@ -424,7 +433,12 @@ impl Session {
         if self.streams.contains_key(&conn_id) {
             // Go would silently replace the stream and orphan the old one. Neither side can
             // tell the two apart any more, so end both: ours locally, the new one on the wire.
-            self.end_stream(conn_id, RecvEnd::Failed(StreamError::Replaced), Some("stream id in use"), false);
+            self.end_stream(
+                conn_id,
+                RecvEnd::Failed(StreamError::Replaced),
+                Some("stream id in use"),
+                false,
+            );
             return Ok(());
         }
         if self.streams.len() >= self.config.max_streams {
@@ -432,7 +446,8 @@ impl Session {
             return Ok(());
         }
         self.max_remote_id = self.max_remote_id.max(conn_id);
-        self.streams.insert(conn_id, Stream::new(Origin::Remote, target, now));
+        self.streams
+            .insert(conn_id, Stream::new(Origin::Remote, target, now));
         self.stats.streams_opened_remote += 1;
         self.events.push_back(Event::Incoming(conn_id));
         Ok(())
@@ -507,7 +522,12 @@ impl Session {
         }
     }
 
-    fn recv_sync(&mut self, now: Instant, conn_id: i64, payload: &[u8]) -> Result<(), ProtocolError> {
+    fn recv_sync(
+        &mut self,
+        now: Instant,
+        conn_id: i64,
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
         if payload.len() % 8 != 0 {
             return Err(ProtocolError::SyncFormat);
         }
@@ -601,7 +621,8 @@ impl Session {
         let streams = &self.streams;
         let id = self.ids.allocate(|id| streams.contains_key(&id));
         self.queue_message(id, Body::Connect(target.clone()));
-        self.streams.insert(id, Stream::new(Origin::Local, target, now));
+        self.streams
+            .insert(id, Stream::new(Origin::Local, target, now));
         self.stats.streams_opened_local += 1;
         Ok(id)
     }
@@ -723,7 +744,9 @@ impl Session {
     pub fn send_capacity(&self, id: i64) -> usize {
         self.streams.get(&id).map_or(0, |s| {
             if s.send_end == SendEnd::Open {
-                self.config.max_stream_send_buffer.saturating_sub(s.send_len)
+                self.config
+                    .max_stream_send_buffer
+                    .saturating_sub(s.send_len)
             } else {
                 0
             }
@@ -822,9 +845,9 @@ impl Session {
             return None;
         }
         let streams = &self.streams;
-        let id = self
-            .scheduler
-            .next(self.config.max_data_chunk, |id| streams.get(&id)?.next_frame_len())?;
+        let id = self.scheduler.next(self.config.max_data_chunk, |id| {
+            streams.get(&id)?.next_frame_len()
+        })?;
         let max_send = self.config.max_stream_send_buffer;
         let stream = self.streams.get_mut(&id).expect("scheduled stream exists");
         let (frame, payload) = stream.pop_frame().expect("scheduled stream has a frame");

@@ -251,7 +251,9 @@ impl Message {
                 payload,
             },
             Some(MessageType::Data) => Body::Data(payload),
-            Some(MessageType::Connect) => Body::Connect(parse_target(&capped(CONNECT_PAYLOAD_CAP))?),
+            Some(MessageType::Connect) => {
+                Body::Connect(parse_target(&capped(CONNECT_PAYLOAD_CAP))?)
+            }
             Some(MessageType::Error) => Body::Error(capped(ERROR_TEXT_CAP)),
             Some(MessageType::AddClient) => Body::AddClient(capped(CLIENT_PAYLOAD_CAP)),
             Some(MessageType::RemoveClient) => Body::RemoveClient(capped(CLIENT_PAYLOAD_CAP)),
@@ -285,7 +287,10 @@ pub fn header_len(id: i64, conn_id: i64, type_number: i64) -> usize {
         Some(kind) if kind.has_deadline() => varint::encoded_len(LEGACY_DEADLINE),
         _ => 0,
     };
-    varint::encoded_len(id) + varint::encoded_len(conn_id) + varint::encoded_len(type_number) + deadline
+    varint::encoded_len(id)
+        + varint::encoded_len(conn_id)
+        + varint::encoded_len(type_number)
+        + deadline
 }
 
 /// Writes a header, with [`LEGACY_DEADLINE`] for Data and Connect. Used by the session to build
@@ -350,12 +355,16 @@ mod tests {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
         prop_oneof![
             bytes().prop_map(Body::Data),
-            ("[a-z:]{0,8}", "[a-z0-9./:]{0,40}").prop_map(|(p, a)| Body::Connect(Target::new(p, a))),
+            ("[a-z:]{0,8}", "[a-z0-9./:]{0,40}")
+                .prop_map(|(p, a)| Body::Connect(Target::new(p, a))),
             proptest::collection::vec(any::<u8>(), 0..100).prop_map(|b| Body::Error(b.into())),
             Just(Body::Pause),
             Just(Body::Resume),
             proptest::collection::vec(any::<i64>(), 0..8).prop_map(Body::sync_connections),
-            (9i64.., bytes()).prop_map(|(type_number, payload)| Body::Unknown { type_number, payload }),
+            (9i64.., bytes()).prop_map(|(type_number, payload)| Body::Unknown {
+                type_number,
+                payload
+            }),
         ]
     }
 

@@ -25,13 +25,19 @@ pub async fn ws_pair_tcp() -> (WebSocketStream<TcpStream>, WebSocketStream<TcpSt
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await.unwrap()
+        tokio_tungstenite::accept_async_with_config(tcp, Some(config))
+            .await
+            .unwrap()
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    let (client, _) = tokio_tungstenite::client_async_with_config(format!("ws://{addr}/connect"), tcp, Some(config))
-        .await
-        .unwrap();
+    let (client, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/connect"),
+        tcp,
+        Some(config),
+    )
+    .await
+    .unwrap();
     (client, server.await.unwrap())
 }
 
@@ -48,12 +54,19 @@ pub async fn ws_pair_memory() -> (
 }
 
 /// Starts both ends: the client ("agent") pipes every accepted stream to its TCP target.
-pub fn start_pair<S>(client_ws: WebSocketStream<S>, server_ws: WebSocketStream<S>) -> (Tunnel, Tunnel)
+pub fn start_pair<S>(
+    client_ws: WebSocketStream<S>,
+    server_ws: WebSocketStream<S>,
+) -> (Tunnel, Tunnel)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let agent = Tunnel::spawn(client_ws, SessionConfig::new(Role::Client), allow_tcp());
-    let server = Tunnel::spawn(server_ws, SessionConfig::new(Role::Server), Arc::new(|_| false));
+    let server = Tunnel::spawn(
+        server_ws,
+        SessionConfig::new(Role::Server),
+        Arc::new(|_| false),
+    );
     serve_agent(agent.clone());
     (agent, server)
 }
@@ -118,5 +131,7 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
 
 /// FNV-1a, 64 bits.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

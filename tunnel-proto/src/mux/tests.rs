@@ -1,0 +1,705 @@
+//! The session core driven by messages alone: two sessions on in-memory queues under virtual
+//! time (quinn-proto's `Pair`), scripted Go-like peers, and random operation sequences.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+use crate::wire::{Body, Message, Target};
+
+fn allow_all() -> Authorizer {
+    Arc::new(|_| true)
+}
+
+/// A client and a server session joined by in-memory queues, with a virtual clock.
+struct Pair {
+    client: Session,
+    server: Session,
+    now: Instant,
+    client_events: Vec<Event>,
+    server_events: Vec<Event>,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with(
+            SessionConfig::new(Role::Client),
+            SessionConfig::new(Role::Server),
+        )
+    }
+
+    fn with(client: SessionConfig, server: SessionConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            client: Session::new(client, allow_all(), now),
+            server: Session::new(server, allow_all(), now),
+            now,
+            client_events: Vec::new(),
+            server_events: Vec::new(),
+        }
+    }
+
+    /// Moves frames both ways until neither side has anything to send.
+    fn drive(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = self.client.poll_transmit() {
+                moved = true;
+                deliver(&mut self.server, self.now, t);
+            }
+            while let Some(t) = self.server.poll_transmit() {
+                moved = true;
+                deliver(&mut self.client, self.now, t);
+            }
+            while let Some(e) = self.client.poll_event() {
+                self.client_events.push(e);
+            }
+            while let Some(e) = self.server.poll_event() {
+                self.server_events.push(e);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.client.handle_timeout(self.now);
+        self.server.handle_timeout(self.now);
+    }
+
+    /// Opens a stream from the server to the client and returns (server id, client id).
+    fn open_from_server(&mut self) -> i64 {
+        let id = self
+            .server
+            .open(self.now, Target::new("tcp", "10.43.0.1:443"))
+            .unwrap();
+        self.drive();
+        assert!(self.client_events.contains(&Event::Incoming(id)));
+        id
+    }
+}
+
+fn deliver(to: &mut Session, now: Instant, transmit: Transmit) {
+    match transmit {
+        Transmit::Message(bytes) => to.handle_binary(now, bytes).unwrap(),
+        Transmit::Ping => to.handle_ping(now),
+        Transmit::Pong => to.handle_pong(now),
+    }
+}
+
+fn read_all(session: &mut Session, id: i64) -> (Vec<u8>, Result<ReadOutcome, StreamError>) {
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [0u8; 4096];
+        match session.read(id, &mut buf) {
+            Ok(ReadOutcome::Data(n)) => out.extend_from_slice(&buf[..n]),
+            other => return (out, other),
+        }
+    }
+}
+
+/// Everything a session sends, decoded (pings and pongs dropped).
+fn sent(session: &mut Session) -> Vec<Message> {
+    let mut out = Vec::new();
+    while let Some(t) = session.poll_transmit() {
+        if let Transmit::Message(bytes) = t {
+            out.push(Message::decode(bytes).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn data_both_ways_then_graceful_close() {
+    let mut pair = Pair::new();
+    let id = pair.open_from_server();
+    assert!(
+        id < 0 && id % 2 == 0,
+        "server ids are negative and even: {id}"
+    );
+    pair.server.write(id, b"GET /version").unwrap();
+    pair.drive();
+    assert_eq!(read_all(&mut pair.client, id).0, b"GET /version");
+    pair.client.write(id, b"{\"major\":\"1\"}").unwrap();
+    pair.client.close(id);
+    pair.drive();
+    let (data, end) = read_all(&mut pair.server, id);
+    assert_eq!(
+        data, b"{\"major\":\"1\"}",
+        "data sent before the close arrives first"
+    );
+    assert_eq!(end, Ok(ReadOutcome::Finished));
+    assert!(
+        pair.server.write(id, b"late").is_err(),
+        "no half-close: writing after EOF fails"
+    );
+}
+
+#[test]
+fn close_waits_for_queued_data_and_error_eof_follows_it() {
+    let mut pair = Pair::new();
+    let id = pair.open_from_server();
+    let big = vec![7u8; 100_000];
+    assert_eq!(pair.server.write(id, &big).unwrap(), big.len());
+    pair.server.close(id);
+    let messages = sent(&mut pair.server);
+    let last = messages.last().unwrap();
+    assert_eq!(last.body, Body::Error(Bytes::from_static(b"EOF")));
+    let data: usize = messages
+        .iter()
+        .map(|m| match &m.body {
+            Body::Data(d) => d.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(data, big.len());
+    assert!(
+        messages[..messages.len() - 1]
+            .iter()
+            .all(|m| matches!(m.body, Body::Data(_)))
+    );
+}
+
+#[test]
+fn error_is_a_full_close_and_idempotent() {
+    let mut pair = Pair::new();
+    let id = pair.open_from_server();
+    pair.client.write(id, b"partial").unwrap();
+    pair.drive();
+    let dial_error = Message::new(
+        9,
+        id,
+        Body::Error(Bytes::from_static(
+            b"dial tcp 10.43.0.1:443: connect: connection refused",
+        )),
+    );
+    pair.server
+        .handle_message(pair.now, dial_error.clone())
+        .unwrap();
+    // Go sends a second Error EOF and sometimes a third; all ignored, none answered.
+    pair.server.handle_message(pair.now, dial_error).unwrap();
+    pair.server
+        .handle_message(
+            pair.now,
+            Message::new(10, id, Body::Error(Bytes::from_static(b"EOF"))),
+        )
+        .unwrap();
+    assert!(
+        sent(&mut pair.server).is_empty(),
+        "no echo, no answer to duplicates"
+    );
+    let (data, end) = read_all(&mut pair.server, id);
+    assert_eq!(data, b"partial", "buffered bytes first");
+    assert_eq!(
+        end,
+        Err(StreamError::Reset(
+            "dial tcp 10.43.0.1:443: connect: connection refused".into()
+        ))
+    );
+    assert!(pair.server.write(id, b"x").is_err());
+    pair.server.release(id);
+    assert_eq!(pair.server.stream_count(), 0, "forgotten once released");
+}
+
+#[test]
+fn unknown_streams_and_types_never_end_the_session() {
+    let mut session = Session::new(
+        SessionConfig::new(Role::Server),
+        allow_all(),
+        Instant::now(),
+    );
+    let now = Instant::now();
+    for body in [
+        Body::Error(Bytes::from_static(b"EOF")),
+        Body::Pause,
+        Body::Resume,
+    ] {
+        session
+            .handle_message(now, Message::new(1, 77, body))
+            .unwrap();
+    }
+    assert!(
+        sent(&mut session).is_empty(),
+        "Error/Pause/Resume for unknown ids are ignored"
+    );
+    session
+        .handle_message(
+            now,
+            Message::new(2, 77, Body::Data(Bytes::from_static(b"x"))),
+        )
+        .unwrap();
+    let reply = sent(&mut session);
+    assert_eq!(reply.len(), 1);
+    assert_eq!(
+        reply[0].body,
+        Body::Error(Bytes::from_static(b"connection not found server/0/77"))
+    );
+    session
+        .handle_message(
+            now,
+            Message::new(
+                3,
+                5,
+                Body::Unknown {
+                    type_number: 42,
+                    payload: Bytes::new(),
+                },
+            ),
+        )
+        .unwrap();
+    assert!(session.closed().is_none());
+    assert_eq!(session.stats().unknown_messages, 1);
+}
+
+#[test]
+fn pause_stops_the_sender_and_resume_restarts_it() {
+    let mut client = SessionConfig::new(Role::Client);
+    client.pause_thresholds(64 << 10, 16 << 10);
+    let mut pair = Pair::with(client, SessionConfig::new(Role::Server));
+    let id = pair.open_from_server();
+    let chunk = vec![1u8; 32 << 10];
+    // Fill well past the client's pause point without the client application reading.
+    for _ in 0..8 {
+        pair.server.write(id, &chunk).unwrap();
+        pair.drive();
+    }
+    assert_eq!(pair.client.stats().pauses_sent, 1);
+    assert_eq!(pair.server.stats().pauses_received, 1);
+    let buffered = pair.client.stream_buffered(id);
+    pair.server.write(id, &chunk).unwrap();
+    pair.drive();
+    assert_eq!(
+        pair.client.stream_buffered(id),
+        buffered,
+        "paused: nothing more arrives"
+    );
+    let queued = pair.server.send_queued(id);
+    assert!(queued >= chunk.len(), "the data waits on the sender");
+    // Reading below the resume point sends Resume; the queued data flows again.
+    let (data, _) = read_all(&mut pair.client, id);
+    assert_eq!(data.len(), buffered);
+    pair.drive();
+    assert_eq!(pair.server.send_queued(id), 0);
+    assert_eq!(read_all(&mut pair.client, id).0.len(), queued);
+}
+
+#[test]
+fn data_after_pause_is_buffered_up_to_the_hard_bound_then_only_that_stream_resets() {
+    let mut config = SessionConfig::new(Role::Client);
+    config
+        .max_stream_recv_buffer(1 << 20)
+        .pause_thresholds(512 << 10, 128 << 10);
+    let now = Instant::now();
+    let mut client = Session::new(config, allow_all(), now);
+    for id in [2, 3] {
+        let connect = Message::new(1, id, Body::Connect(Target::new("tcp", "x:1")));
+        client.handle_message(now, connect).unwrap();
+    }
+    let chunk = Bytes::from(vec![0u8; 256 << 10]);
+    for i in 0..4 {
+        client
+            .handle_message(now, Message::new(10 + i, 2, Body::Data(chunk.clone())))
+            .unwrap();
+    }
+    assert_eq!(
+        client.stream_buffered(2),
+        1 << 20,
+        "Go overshoots Pause; this side keeps buffering"
+    );
+    client
+        .handle_message(now, Message::new(20, 2, Body::Data(chunk.clone())))
+        .unwrap();
+    let out = sent(&mut client);
+    assert!(out.iter().any(|m| m.conn_id == 2 && m.body == Body::Pause));
+    assert!(
+        out.iter()
+            .any(|m| m.conn_id == 2 && matches!(m.body, Body::Error(_)))
+    );
+    assert_eq!(
+        client.read_chunk(2, 10),
+        Err(StreamError::BufferLimit { limit: 1 << 20 })
+    );
+    client
+        .handle_message(
+            now,
+            Message::new(21, 3, Body::Data(Bytes::from_static(b"ok"))),
+        )
+        .unwrap();
+    assert_eq!(
+        client.read_chunk(3, 10),
+        Ok(Chunk::Data(Bytes::from_static(b"ok")))
+    );
+    assert!(client.closed().is_none());
+}
+
+#[test]
+fn control_goes_before_data_and_streams_take_fair_turns() {
+    let mut pair = Pair::new();
+    let bulk = pair.open_from_server();
+    let interactive = pair.open_from_server();
+    pair.server.write(bulk, &vec![0u8; 200 << 10]).unwrap();
+    pair.server.write(interactive, b"ls\n").unwrap();
+    pair.server.handle_ping(pair.now);
+    let first = pair.server.poll_transmit().unwrap();
+    assert_eq!(first, Transmit::Pong, "control first");
+    let order: Vec<i64> = sent(&mut pair.server).iter().map(|m| m.conn_id).collect();
+    let position = order.iter().position(|&id| id == interactive).unwrap();
+    assert!(
+        position <= 1,
+        "the interactive frame goes at its first turn, not after 200 KiB: {order:?}"
+    );
+}
+
+#[test]
+fn client_pings_every_five_seconds_and_dies_after_sixty_silent() {
+    let mut pair = Pair::new();
+    pair.advance(Duration::from_secs(5));
+    assert_eq!(pair.client.poll_transmit(), Some(Transmit::Ping));
+    assert_eq!(pair.server.poll_transmit(), None, "servers never ping");
+    pair.server.handle_ping(pair.now);
+    assert_eq!(
+        pair.server.poll_transmit(),
+        Some(Transmit::Pong),
+        "every Ping is answered"
+    );
+    // Kept alive for ten minutes of pings and pongs.
+    for _ in 0..120 {
+        pair.advance(Duration::from_secs(5));
+        pair.drive();
+    }
+    assert!(pair.client.closed().is_none() && pair.server.closed().is_none());
+    // Then the server goes silent.
+    for _ in 0..11 {
+        pair.advance(Duration::from_secs(5));
+        while pair.client.poll_transmit().is_some() {}
+    }
+    assert!(
+        pair.client.closed().is_none(),
+        "55 s of silence is still alive"
+    );
+    pair.advance(Duration::from_secs(5));
+    assert_eq!(
+        pair.client.closed(),
+        Some(&SessionError::KeepaliveTimeout(Duration::from_secs(60)))
+    );
+}
+
+#[test]
+fn sync_spares_young_streams_and_pads_the_peer_range() {
+    let mut pair = Pair::new();
+    let old = pair.open_from_server();
+    pair.advance(Duration::from_secs(59));
+    pair.drive();
+    let young = pair.open_from_server();
+    // Go's race: the server opened `young` but the client's snapshot does not list it.
+    pair.advance(Duration::from_secs(1));
+    let sync = sent(&mut pair.client)
+        .into_iter()
+        .find(|m| matches!(m.body, Body::SyncConnections(_)))
+        .expect("client syncs at 60 s");
+    let Body::SyncConnections(payload) = &sync.body else {
+        unreachable!()
+    };
+    let ids: Vec<i64> = payload
+        .chunks(8)
+        .map(|w| i64::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ascending as signed: {ids:?}"
+    );
+    assert!(ids.contains(&old) && ids.contains(&young));
+    assert!(
+        ids.contains(&2) && ids.contains(&17),
+        "padding covers Go server ids in flight: {ids:?}"
+    );
+    // A Go client's snapshot without either stream: only the old one closes.
+    let stale = Message::new(1, 0, Body::sync_connections([]));
+    pair.server.handle_message(pair.now, stale).unwrap();
+    assert!(
+        pair.server.open_stream_ids().contains(&young),
+        "young stream spared"
+    );
+    assert!(
+        !pair.server.open_stream_ids().contains(&old),
+        "old unlisted stream closed"
+    );
+    assert!(
+        sent(&mut pair.server).is_empty(),
+        "closed silently, as Go does"
+    );
+    assert_eq!(read_all(&mut pair.server, old).1, Err(StreamError::Synced));
+}
+
+#[test]
+fn ids_from_both_sides_never_collide() {
+    let mut pair = Pair::new();
+    let from_server: Vec<i64> = (0..50).map(|_| pair.open_from_server()).collect();
+    let from_client: Vec<i64> = (0..50)
+        .map(|_| {
+            pair.client
+                .open(pair.now, Target::new("tcp", "127.0.0.1:6080"))
+                .unwrap()
+        })
+        .collect();
+    pair.drive();
+    let mut all: Vec<i64> = from_server.iter().chain(&from_client).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 100);
+    assert!(
+        all.iter().all(|&id| id < 0),
+        "never in a Go peer's positive range"
+    );
+    assert_eq!(pair.client.stream_count(), 100);
+    assert_eq!(pair.server.stream_count(), 100);
+}
+
+#[test]
+fn refused_connect_fails_only_that_stream() {
+    let now = Instant::now();
+    let mut client = Session::new(
+        SessionConfig::new(Role::Client),
+        Arc::new(|t| t.proto == "tcp"),
+        now,
+    );
+    let err = client
+        .handle_message(
+            now,
+            Message::new(1, 2, Body::Connect(Target::new("unix", "/etc/shadow"))),
+        )
+        .unwrap_err();
+    assert_eq!(err, ProtocolError::ConnectNotAllowed { conn_id: 2 });
+    let reply = sent(&mut client);
+    assert_eq!(
+        reply[0].body,
+        Body::Error(Bytes::from_static(b"connect not allowed"))
+    );
+    client
+        .handle_message(
+            now,
+            Message::new(2, 3, Body::Connect(Target::new("tcp", "10.0.0.1:6443"))),
+        )
+        .unwrap();
+    assert_eq!(client.poll_event(), Some(Event::Incoming(3)));
+    assert_eq!(client.stats().connects_refused, 1);
+}
+
+#[test]
+fn open_checks_what_a_go_receiver_could_parse() {
+    let mut session = Session::new(
+        SessionConfig::new(Role::Server),
+        allow_all(),
+        Instant::now(),
+    );
+    let now = Instant::now();
+    let long = "a".repeat(100);
+    assert!(matches!(
+        session.open(now, Target::new("tcp", long)),
+        Err(OpenError::TargetTooLong { .. })
+    ));
+    assert!(matches!(
+        session.open(now, Target::new("", "x")),
+        Err(OpenError::InvalidProto(_))
+    ));
+    assert!(matches!(
+        session.open(now, Target::new("a/b", "x")),
+        Err(OpenError::InvalidProto(_))
+    ));
+    session.close_session(SessionError::Local);
+    assert!(matches!(
+        session.open(now, Target::new("tcp", "x:1")),
+        Err(OpenError::Closed(_))
+    ));
+}
+
+#[test]
+fn tunnel_loss_fails_every_stream_after_its_buffered_bytes() {
+    let mut pair = Pair::new();
+    let a = pair.open_from_server();
+    let b = pair.open_from_server();
+    pair.client.write(a, b"last words").unwrap();
+    pair.drive();
+    pair.server
+        .close_session(SessionError::Transport("connection reset".into()));
+    let (data, end) = read_all(&mut pair.server, a);
+    assert_eq!(data, b"last words");
+    assert!(matches!(end, Err(StreamError::Tunnel(_))));
+    assert!(matches!(
+        read_all(&mut pair.server, b).1,
+        Err(StreamError::Tunnel(_))
+    ));
+    assert_eq!(
+        pair.server.poll_transmit(),
+        None,
+        "nothing is written to a lost websocket"
+    );
+}
+
+// === random operation sequences ===
+
+#[derive(Debug, Clone)]
+enum Op {
+    Open {
+        from_server: bool,
+    },
+    Write {
+        from_server: bool,
+        pick: usize,
+        len: usize,
+    },
+    Read {
+        from_server: bool,
+        pick: usize,
+    },
+    Close {
+        from_server: bool,
+        pick: usize,
+    },
+    Reset {
+        from_server: bool,
+        pick: usize,
+    },
+    Release {
+        from_server: bool,
+        pick: usize,
+    },
+    Advance {
+        secs: u8,
+    },
+    Raw {
+        to_server: bool,
+        bytes: Vec<u8>,
+    },
+    Deliver {
+        steps: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        any::<bool>().prop_map(|from_server| Op::Open { from_server }),
+        (any::<bool>(), any::<usize>(), 0usize..100_000).prop_map(|(from_server, pick, len)| {
+            Op::Write {
+                from_server,
+                pick,
+                len,
+            }
+        }),
+        (any::<bool>(), any::<usize>())
+            .prop_map(|(from_server, pick)| Op::Read { from_server, pick }),
+        (any::<bool>(), any::<usize>())
+            .prop_map(|(from_server, pick)| Op::Close { from_server, pick }),
+        (any::<bool>(), any::<usize>())
+            .prop_map(|(from_server, pick)| Op::Reset { from_server, pick }),
+        (any::<bool>(), any::<usize>())
+            .prop_map(|(from_server, pick)| Op::Release { from_server, pick }),
+        (0u8..70).prop_map(|secs| Op::Advance { secs }),
+        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..40))
+            .prop_map(|(to_server, bytes)| Op::Raw { to_server, bytes }),
+        (0u8..20).prop_map(|steps| Op::Deliver { steps }),
+    ]
+}
+
+fn pick(ids: &[i64], pick: usize) -> Option<i64> {
+    (!ids.is_empty()).then(|| ids[pick % ids.len()])
+}
+
+/// Invariants that hold after every operation.
+fn check_invariants(session: &Session) {
+    let config = session.config();
+    for stream in session.streams.values() {
+        assert!(
+            stream.recv_len <= config.max_stream_recv_buffer,
+            "receive bound kept"
+        );
+        assert!(
+            stream.send_len <= config.max_stream_send_buffer,
+            "send bound kept"
+        );
+        assert_eq!(
+            stream.recv_len,
+            stream.recv.iter().map(Bytes::len).sum::<usize>()
+        );
+    }
+    assert!(session.streams.len() <= config.max_streams);
+    let ids = session.open_stream_ids();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn random_sequences_never_panic_or_break_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut client = SessionConfig::new(Role::Client);
+        client.max_stream_recv_buffer(512 << 10).pause_thresholds(128 << 10, 32 << 10).max_streams(64);
+        let mut server = SessionConfig::new(Role::Server);
+        server.max_stream_recv_buffer(512 << 10).max_streams(64);
+        let mut pair = Pair::with(client, server);
+        let mut in_flight: Vec<(bool, Transmit)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Open { from_server } => {
+                    let s = if from_server { &mut pair.server } else { &mut pair.client };
+                    let _ = s.open(pair.now, Target::new("tcp", "127.0.0.1:1"));
+                }
+                Op::Write { from_server, pick: p, len } => {
+                    let s = if from_server { &mut pair.server } else { &mut pair.client };
+                    if let Some(id) = pick(&s.open_stream_ids(), p) {
+                        let _ = s.write(id, &vec![1u8; len]);
+                    }
+                }
+                Op::Read { from_server, pick: p } => {
+                    let s = if from_server { &mut pair.server } else { &mut pair.client };
+                    if let Some(id) = pick(&s.open_stream_ids(), p) {
+                        let _ = s.read(id, &mut [0u8; 50_000]);
+                    }
+                }
+                Op::Close { from_server, pick: p } => {
+                    let s = if from_server { &mut pair.server } else { &mut pair.client };
+                    if let Some(id) = pick(&s.open_stream_ids(), p) { s.close(id); }
+                }
+                Op::Reset { from_server, pick: p } => {
+                    let s = if from_server { &mut pair.server } else { &mut pair.client };
+                    if let Some(id) = pick(&s.open_stream_ids(), p) { s.reset(id, "test reset"); }
+                }
+                Op::Release { from_server, pick: p } => {
+                    let s = if from_server { &mut pair.server } else { &mut pair.client };
+                    if let Some(id) = pick(&s.open_stream_ids(), p) { s.release(id); }
+                }
+                Op::Advance { secs } => pair.advance(Duration::from_secs(u64::from(secs))),
+                Op::Raw { to_server, bytes } => {
+                    let s = if to_server { &mut pair.server } else { &mut pair.client };
+                    let _ = s.handle_binary(pair.now, Bytes::from(bytes));
+                }
+                Op::Deliver { steps } => {
+                    for _ in 0..steps {
+                        if let Some(t) = pair.client.poll_transmit() { in_flight.push((true, t)); }
+                        if let Some(t) = pair.server.poll_transmit() { in_flight.push((false, t)); }
+                    }
+                    for (to_server, t) in in_flight.drain(..) {
+                        let s = if to_server { &mut pair.server } else { &mut pair.client };
+                        if let Transmit::Message(bytes) = t {
+                            // Messages from one of our sessions always decode.
+                            prop_assert!(Message::decode(bytes.clone()).is_ok());
+                            let _ = s.handle_binary(pair.now, bytes);
+                        } else if t == Transmit::Ping {
+                            s.handle_ping(pair.now);
+                        } else {
+                            s.handle_pong(pair.now);
+                        }
+                    }
+                }
+            }
+            while pair.client.poll_event().is_some() {}
+            while pair.server.poll_event().is_some() {}
+            check_invariants(&pair.client);
+            check_invariants(&pair.server);
+        }
+    }
+}
