@@ -20,6 +20,7 @@
 pub mod acceptor;
 pub mod connector;
 mod pipe;
+pub mod registry;
 mod stream;
 
 use std::collections::{HashMap, VecDeque};
@@ -50,7 +51,7 @@ use crate::wire::Target;
 /// reassembled message (Go servers send one message per application write, however large).
 pub fn websocket_config(max_message: usize) -> WebSocketConfig {
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = 8 << 10;
+    config.read_buffer_size = 16 << 10;
     config.write_buffer_size = 64 << 10;
     config.max_write_buffer_size = (4 << 20).max(2 * max_message);
     config.max_message_size = Some(max_message);
@@ -262,10 +263,10 @@ pub struct Driver<S> {
 
 /// Most inbound messages handled per turn before writing, so a flood in cannot hold back
 /// Pongs and control messages out.
-const READ_BATCH: usize = 64;
+const READ_BATCH: usize = 16;
 /// Most frames written per turn before reading again, so a stream that keeps its queue full
 /// cannot keep the driver from hearing a Pause (or a Ping) from the peer.
-const WRITE_BATCH: usize = 64;
+const WRITE_BATCH: usize = 16;
 /// Retained protocol errors between [`Tunnel::take_protocol_errors`] calls.
 const MAX_KEPT_PROTOCOL_ERRORS: usize = 64;
 
