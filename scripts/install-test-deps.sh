@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine (run as root): the Debian
+# packages the tests start for real, the Go toolchain the interop peer needs (through Go's own
+# toolchain download), and cargo-fuzz. Idempotent: what is present is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  tinyproxy        # connector tests: a real HTTP CONNECT proxy
+  docker.io        # node-agent tests: a real dockerd on its own socket
+  busybox-static   # the image `docker import` makes for those tests
+  iproute2 iptables socat curl tmux ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-test-deps: apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "install-test-deps: Debian packages present"
+fi
+# tinyproxy's package starts a system instance; the tests run their own on other ports.
+systemctl disable --now tinyproxy >/dev/null 2>&1 || service tinyproxy stop >/dev/null 2>&1 || true
+
+# The Go interop peer (real github.com/rancher/remotedialer); downloads modules and, if needed,
+# the Go toolchain its go.mod asks for, through the Go module proxy.
+bash tests/interop/build.sh
+
+# Fuzzing needs nightly (present on these machines) and cargo-fuzz.
+if rustup run nightly rustc --version >/dev/null 2>&1 && ! command -v cargo-fuzz >/dev/null; then
+  echo "install-test-deps: cargo install cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi
+echo "install-test-deps: done"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test: formatting and lints, the Go interop peer build, the whole workspace's tests
+# (unit, vectors, loopback, connector/acceptor, registry, interop against the real Go
+# remotedialer, agents), and a bounded fuzz run. Needs scripts/install-test-deps.sh first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+step "Go interop peer"
+bash tests/interop/build.sh
+step "cargo test --workspace"
+cargo test --workspace --no-fail-fast
+step "fuzz (${FUZZ_SECONDS:=30} s per target)"
+FUZZ_SECONDS="$FUZZ_SECONDS" tunnel-proto/fuzz/run.sh
+step "all tests passed"
