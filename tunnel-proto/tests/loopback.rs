@@ -394,3 +394,63 @@ async fn peer_ignoring_pause_gets_that_stream_reset_and_the_tunnel_lives() {
     assert!(agent.close_reason().is_none());
     drop(stuck);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_and_large_messages_are_reassembled() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+    // The raw peer plays a Go client: messages over 4096 bytes go out as 4096-byte frames.
+    let (mut raw, server_ws) = ws_pair_tcp().await;
+    let server = Tunnel::spawn(server_ws, SessionConfig::new(Role::Server), allow_tcp());
+    let send = |m: Message| WsMessage::Binary(m.to_bytes());
+    raw.send(send(Message::new(
+        1,
+        1,
+        Body::Connect(Target::new("tcp", "127.0.0.1:9")),
+    )))
+    .await
+    .unwrap();
+    let mut stream = server.accept().await.unwrap();
+
+    let fragmented = payload(7, 10_000);
+    let wire = Message::new(2, 1, Body::Data(Bytes::from(fragmented.clone()))).to_bytes();
+    let pieces: Vec<&[u8]> = wire.chunks(4096).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let header = FrameHeader {
+            is_final: i == pieces.len() - 1,
+            opcode: if i == 0 {
+                OpCode::Data(OpData::Binary)
+            } else {
+                OpCode::Data(OpData::Continue)
+            },
+            ..FrameHeader::default()
+        };
+        raw.send(WsMessage::Frame(Frame::from_payload(
+            header,
+            Bytes::copy_from_slice(piece),
+        )))
+        .await
+        .unwrap();
+    }
+    let mut got = vec![0; fragmented.len()];
+    stream.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, fragmented, "three frames, one message");
+
+    // A Go server writes one message per application write, however large: 20 MiB here.
+    let large = payload(8, 20 << 20);
+    raw.send(send(Message::new(
+        3,
+        1,
+        Body::Data(Bytes::from(large.clone())),
+    )))
+    .await
+    .unwrap();
+    let mut got = vec![0; large.len()];
+    timeout(Duration::from_secs(20), stream.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checksum(&got), checksum(&large));
+    assert!(server.close_reason().is_none());
+    assert!(server.take_protocol_errors().is_empty());
+}
