@@ -1,0 +1,114 @@
+//! The state every handler shares: the store, the tunnel registry, the server's identity and
+//! the live status the server derives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tunnel_proto::driver::acceptor::ClientKey;
+use tunnel_proto::driver::registry::Registry;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Settings handlers need.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// The URL agents and users reach this server at, without a trailing `/`.
+    pub server_url: String,
+    /// The `cacerts` setting: the CA PEM, trimmed; empty for a publicly trusted certificate.
+    pub cacerts: String,
+    /// Cluster agent image in import manifests.
+    pub agent_image: String,
+    /// Node agent image in import manifests (when the DaemonSet is asked for).
+    pub node_agent_image: String,
+    /// How often the Connected status of each cluster is probed.
+    pub probe_interval: Duration,
+}
+
+/// Live connectivity of a cluster, as derived by the prober.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connectivity {
+    /// `GET /ping` through the `stv-cluster-<id>` tunnel returned 200 at the last probe.
+    pub connected: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Unix seconds of the last probe.
+    pub checked_at: i64,
+}
+
+/// Shared server state.
+pub struct App {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Live tunnels.
+    pub registry: Registry,
+    /// Settings.
+    pub config: AppConfig,
+    /// Counters.
+    pub metrics: Metrics,
+    connectivity: Mutex<HashMap<String, Connectivity>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Client key of a cluster's steve-aggregation tunnel.
+pub fn stv_key(cluster_id: &str) -> ClientKey {
+    ClientKey::new(format!("stv-cluster-{cluster_id}"))
+}
+
+impl App {
+    /// Assembles the state.
+    pub fn new(store: Arc<dyn Store>, registry: Registry, config: AppConfig) -> Self {
+        Self {
+            store,
+            registry,
+            config,
+            metrics: Metrics::default(),
+            connectivity: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The `CATTLE_CA_CHECKSUM` agents should pin.
+    pub fn ca_checksum(&self) -> String {
+        crate::pki::ca_checksum(&self.config.cacerts)
+    }
+
+    /// The last probe result of a cluster.
+    pub fn connectivity(&self, cluster_id: &str) -> Option<Connectivity> {
+        self.connectivity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cluster_id)
+            .cloned()
+    }
+
+    /// Records a probe result.
+    pub fn set_connectivity(&self, cluster_id: &str, c: Connectivity) {
+        let mut map = self.connectivity.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = map
+            .get(cluster_id)
+            .is_none_or(|old| old.connected != c.connected);
+        if changed {
+            tracing::info!(cluster = cluster_id, connected = c.connected, message = ?c.message, "cluster connectivity changed");
+        }
+        map.insert(cluster_id.to_owned(), c);
+    }
+
+    /// Whether the cluster's main tunnel (the cluster agent) is registered.
+    pub fn has_tunnel(&self, cluster_id: &str) -> bool {
+        self.registry.has_session(&ClientKey::new(cluster_id))
+    }
+}
+
+/// Shared handle on the state.
+pub type SharedApp = Arc<App>;

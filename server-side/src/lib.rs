@@ -1,0 +1,31 @@
+//! tunnel-server: the management server of the reverse-tunnel system.
+//!
+//! Agents behind NAT dial out to it over TLS websockets (`/v3/connect[/register]`, Rancher's
+//! protocol, spec cattle-agent §6); it authenticates them with registration tokens, keeps
+//! their sessions in a [`tunnel_proto::driver::registry::Registry`], and proxies users'
+//! Kubernetes and Docker API requests through those tunnels.
+//!
+//! ```text
+//!   agent ──wss /v3/connect──▶ Acceptor ──authorizer chain (tunnel_auth)──▶ Registry
+//!                                  │
+//!   kubectl ──https /k8s/clusters/<id>/…──▶ routes ──▶ proxy::kube ──registry.open(tcp)──▶ TLS ──▶ apiserver
+//!   docker  ──https /docker/nodes/<id>/…──▶ routes ──▶ proxy::docker ──registry.open(unix)──▶ dockerd
+//!   admin   ──https /v1/…──▶ api ──▶ Store (SQLite)
+//! ```
+//!
+//! Start with [`server::Server`]; the binary's `main.rs` is the CLI.
+
+pub mod api;
+pub mod app;
+pub mod http_util;
+pub mod import;
+pub mod kubeconfig;
+pub mod metrics;
+pub mod pki;
+pub mod probe;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod tokens;
+pub mod tunnel_auth;

@@ -1,0 +1,356 @@
+//! `tunnel-server`: the management server and its admin CLI.
+//!
+//! ```text
+//! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http]
+//! tunnel-server [--data-dir DIR] cluster add NAME | cluster list | cluster rm CLUSTER
+//! tunnel-server [--data-dir DIR] user add NAME [--admin] [--group G]... | user list
+//! tunnel-server [--data-dir DIR] token add USER
+//! tunnel-server [--data-dir DIR] grant USER CLUSTER
+//! tunnel-server [--data-dir DIR] kubeconfig CLUSTER --user USER
+//! ```
+//!
+//! The admin commands work on the store directly (the server may be running: SQLite handles
+//! the concurrency).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use server_side::server::{self, ServeConfig, Server, TlsSource};
+use server_side::store::{SqliteStore, Store};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "tunnel-server",
+    version,
+    about = "Management server for reverse-tunnel cattle agents"
+)]
+struct Cli {
+    /// Data directory: the SQLite store and ca.pem.
+    #[arg(
+        long,
+        global = true,
+        env = "TUNNEL_SERVER_DATA_DIR",
+        default_value = "/var/lib/tunnel-server"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Grant a user access to a cluster (its Kubernetes API and its nodes' Docker APIs).
+    Grant {
+        /// User name or id.
+        user: String,
+        /// Cluster name or id.
+        cluster: String,
+    },
+    /// Print a kubeconfig for a cluster through this server, with a new API token of the user.
+    Kubeconfig {
+        /// Cluster name or id.
+        cluster: String,
+        /// User name or id.
+        #[arg(long)]
+        user: String,
+        /// Server URL (default: the one the server last started with).
+        #[arg(long)]
+        server_url: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Listen address.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: String,
+    /// Public URL agents and users reach the server at (default https://<listen address>).
+    #[arg(long)]
+    server_url: Option<String>,
+    /// Serving certificate chain (PEM); with --tls-key replaces the generated certificate.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Serving key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate agents should pin (with --tls-cert); omit for a publicly trusted one.
+    #[arg(long, requires = "tls_cert")]
+    cacerts: Option<PathBuf>,
+    /// Serve plain HTTP. For tests only.
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure_http: bool,
+    /// Cluster agent image in import manifests.
+    #[arg(long, default_value = server::DEFAULT_AGENT_IMAGE)]
+    agent_image: String,
+    /// Node agent image in import manifests.
+    #[arg(long, default_value = server::DEFAULT_NODE_AGENT_IMAGE)]
+    node_agent_image: String,
+    /// Seconds between Connected probes of each cluster.
+    #[arg(long, default_value_t = 15.0)]
+    probe_interval: f64,
+    /// Seconds to wait for requests and tunnels on shutdown.
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace: f64,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create a cluster; prints the import command.
+    Add {
+        /// Unique name.
+        name: String,
+        /// Server URL (default: the one the server last started with).
+        #[arg(long)]
+        server_url: Option<String>,
+    },
+    /// List clusters.
+    List,
+    /// Delete a cluster (name or id) and everything that belongs to it.
+    Rm {
+        /// Cluster name or id.
+        cluster: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a user; prints its API token once.
+    Add {
+        /// Unique name (the Impersonate-User downstream).
+        name: String,
+        /// May use the /v1 API and reach every cluster.
+        #[arg(long)]
+        admin: bool,
+        /// Group (Impersonate-Group); repeat for several.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List users.
+    List,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create another API token for a user; prints it once.
+    Add {
+        /// User name or id.
+        user: String,
+    },
+    /// Revoke an API token (token-xxxxx).
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| "info".parse().expect("static filter"));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Serve(args) => serve(cli.data_dir, args),
+        other => admin(&cli.data_dir, other),
+    }
+}
+
+fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = ServeConfig::new(args.listen, data_dir);
+    config.server_url = args.server_url;
+    config.tls = match (args.tls_cert, args.tls_key, args.insecure_http) {
+        (_, _, true) => TlsSource::InsecureHttp,
+        (Some(cert), Some(key), false) => TlsSource::Files {
+            cert,
+            key,
+            cacerts: args.cacerts,
+        },
+        _ => TlsSource::Generated,
+    };
+    config.agent_image = args.agent_image;
+    config.node_agent_image = args.node_agent_image;
+    config.probe_interval = secs(args.probe_interval, "--probe-interval")?;
+    config.shutdown_grace = secs(args.shutdown_grace, "--shutdown-grace")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(config).await?;
+        let url = server.app().config.server_url.clone();
+        tracing::info!(addr = %server.local_addr(), %url, "tunnel-server listening");
+        // A line for scripts and tests that start the server on port 0.
+        println!("listening on {} ({url})", server.local_addr());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        server.run(shutdown).await;
+        tracing::info!("tunnel-server stopped");
+        Ok(())
+    })
+}
+
+fn secs(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("{flag} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// First SIGTERM or SIGINT: graceful shutdown. A second one: exit at once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}
+
+fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let store = server::open_store(data_dir)?;
+    match command {
+        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Cluster(ClusterCmd::Add { name, server_url }) => {
+            let url = server_url_of(&store, server_url)?;
+            let (cluster, token) = store.create_cluster(&name)?;
+            println!("cluster {} created as {}", cluster.name, cluster.id);
+            println!("import it by running, in the cluster:");
+            println!(
+                "  {}",
+                server_side::import::import_command(&url, &token.token, &cluster.id)
+            );
+        }
+        Command::Cluster(ClusterCmd::List) => {
+            println!("{:<10} {:<24} {}", "ID", "NAME", "API ENDPOINT");
+            for c in store.clusters()? {
+                println!(
+                    "{:<10} {:<24} {}",
+                    c.id,
+                    c.name,
+                    c.api_endpoint.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        Command::Cluster(ClusterCmd::Rm { cluster }) => {
+            let c = store
+                .cluster_by_id_or_name(&cluster)?
+                .with_context(|| format!("cluster {cluster} not found"))?;
+            store.delete_cluster(&c.id)?;
+            println!("cluster {} ({}) deleted", c.name, c.id);
+        }
+        Command::User(UserCmd::Add {
+            name,
+            admin,
+            groups,
+        }) => {
+            let user = store.create_user(&name, &groups, admin)?;
+            let (_, value) = store.create_api_token(&user.id, "created with the user")?;
+            println!("user {} created as {}", user.name, user.id);
+            println!("API token (shown once): {value}");
+        }
+        Command::User(UserCmd::List) => {
+            println!("{:<12} {:<24} {:<6} {}", "ID", "NAME", "ADMIN", "GROUPS");
+            for u in store.users()? {
+                println!(
+                    "{:<12} {:<24} {:<6} {}",
+                    u.id,
+                    u.name,
+                    u.admin,
+                    u.groups.join(",")
+                );
+            }
+        }
+        Command::Token(TokenCmd::Add { user }) => {
+            let u = store
+                .user_by_id_or_name(&user)?
+                .with_context(|| format!("user {user} not found"))?;
+            let (_, value) = store.create_api_token(&u.id, "created with the CLI")?;
+            println!("{value}");
+        }
+        Command::Token(TokenCmd::Revoke { id }) => {
+            if !store.revoke_api_token(&id)? {
+                bail!("token {id} not found");
+            }
+            println!("token {id} revoked");
+        }
+        Command::Grant { user, cluster } => {
+            let u = store
+                .user_by_id_or_name(&user)?
+                .with_context(|| format!("user {user} not found"))?;
+            let c = store
+                .cluster_by_id_or_name(&cluster)?
+                .with_context(|| format!("cluster {cluster} not found"))?;
+            store.grant(&u.id, &c.id)?;
+            println!(
+                "user {} may now reach cluster {} ({})",
+                u.name, c.name, c.id
+            );
+        }
+        Command::Kubeconfig {
+            cluster,
+            user,
+            server_url,
+        } => {
+            let url = server_url_of(&store, server_url)?;
+            let u = store
+                .user_by_id_or_name(&user)?
+                .with_context(|| format!("user {user} not found"))?;
+            let c = store
+                .cluster_by_id_or_name(&cluster)?
+                .with_context(|| format!("cluster {cluster} not found"))?;
+            let (_, token) =
+                store.create_api_token(&u.id, &format!("kubeconfig for {}", c.name))?;
+            let cacerts = store.setting("cacerts")?.unwrap_or_default();
+            print!(
+                "{}",
+                server_side::kubeconfig::render(&url, &c.id, &c.name, &u.name, &token, &cacerts)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn server_url_of(store: &SqliteStore, flag: Option<String>) -> anyhow::Result<String> {
+    match flag.or(store.setting("server-url")?) {
+        Some(url) => Ok(url.trim_end_matches('/').to_owned()),
+        None => bail!("no server URL known yet: pass --server-url or start the server once"),
+    }
+}

@@ -1,0 +1,169 @@
+//! Prometheus text metrics, kept by hand (a few counters do not need a metrics framework).
+//!
+//! Names follow remotedialer's `session_server_*` where they mean the same thing (spec
+//! cattle-agent §8), under the `tunnel_server_` prefix.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tunnel_proto::driver::registry::Registry;
+
+/// Server counters. Cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    sessions_added: AtomicU64,
+    sessions_removed: AtomicU64,
+    dials: Mutex<BTreeMap<&'static str, u64>>,
+    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    proxied_bytes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K, by: u64) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    *map.entry(key).or_default() += by;
+}
+
+impl Metrics {
+    /// A tunnel session was registered.
+    pub fn session_added(&self) {
+        self.sessions_added.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A tunnel session left the registry.
+    pub fn session_removed(&self) {
+        self.sessions_removed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A dial through a tunnel ended with `result` (`ok`, `no_session`, `unhealthy`,
+    /// `refused`).
+    pub fn dial(&self, result: &'static str) {
+        bump(&self.dials, result, 1);
+    }
+
+    /// A proxied request (`kind` is `k8s` or `docker`, `target` the cluster or node) ended
+    /// with `status`, having moved `bytes_in` from the client and `bytes_out` to it.
+    pub fn proxied(
+        &self,
+        kind: &'static str,
+        target: &str,
+        status: u16,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        bump(&self.requests, (kind, target.to_owned(), status), 1);
+        bump(&self.proxied_bytes, (kind, "in"), bytes_in);
+        bump(&self.proxied_bytes, (kind, "out"), bytes_out);
+    }
+
+    /// The Prometheus text exposition of these counters plus the registry's live figures.
+    pub fn render(&self, registry: &Registry) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_sessions Tunnel sessions registered now."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_sessions gauge");
+        let _ = writeln!(out, "tunnel_server_sessions {}", registry.session_count());
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_streams Streams open through all tunnels now."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_streams gauge");
+        let _ = writeln!(out, "tunnel_server_streams {}", registry.stream_count());
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_sessions_added_total Tunnel sessions registered."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_sessions_added_total counter");
+        let _ = writeln!(
+            out,
+            "tunnel_server_sessions_added_total {}",
+            self.sessions_added.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_sessions_removed_total Tunnel sessions ended."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_sessions_removed_total counter");
+        let _ = writeln!(
+            out,
+            "tunnel_server_sessions_removed_total {}",
+            self.sessions_removed.load(Ordering::Relaxed)
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_tunnel_bytes Data bytes through the live sessions of a client key."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_tunnel_bytes gauge");
+        for key in registry.list_clients() {
+            let (mut rx, mut tx) = (0, 0);
+            for s in registry.sessions(&key) {
+                let stats = s.tunnel().stats();
+                rx += stats.data_bytes_in;
+                tx += stats.data_bytes_out;
+            }
+            let key = escape(key.as_str());
+            let _ = writeln!(
+                out,
+                "tunnel_server_tunnel_bytes{{client_key=\"{key}\",direction=\"receive\"}} {rx}"
+            );
+            let _ = writeln!(
+                out,
+                "tunnel_server_tunnel_bytes{{client_key=\"{key}\",direction=\"transmit\"}} {tx}"
+            );
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_dials_total Dials through tunnels, by result."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_dials_total counter");
+        for (result, n) in self.dials.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "tunnel_server_dials_total{{result=\"{result}\"}} {n}");
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_proxied_requests_total Proxied requests by kind, cluster or node, and status."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_proxied_requests_total counter");
+        for ((kind, target, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let target = escape(target);
+            let _ = writeln!(
+                out,
+                "tunnel_server_proxied_requests_total{{kind=\"{kind}\",target=\"{target}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_proxied_bytes_total Bytes of proxied requests (in: from clients, out: to clients)."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_proxied_bytes_total counter");
+        for ((kind, dir), n) in self
+            .proxied_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "tunnel_server_proxied_bytes_total{{kind=\"{kind}\",direction=\"{dir}\"}} {n}"
+            );
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

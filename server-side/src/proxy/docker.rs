@@ -1,0 +1,94 @@
+//! `/docker/nodes/<node-id>/…`: the Docker API of a connected node.
+//!
+//! The docker CLI keeps the path of `DOCKER_HOST` (`tcp://server:port/docker/nodes/m-xxx`) as a
+//! prefix of every request and sends the `HttpHeaders` of its `config.json`, which carry the
+//! user's `Authorization: Bearer …`. The user must hold a grant on the node's cluster. The
+//! request goes as plain HTTP/1.1 through the node agent's tunnel to its Docker socket
+//! (`unix` `/var/run/docker.sock` unless the node says otherwise), with the prefix and the
+//! user's credentials removed. `docker exec -it`/`attach` ask for `Connection: Upgrade,
+//! Upgrade: tcp`; dockerd answers `101 UPGRADED` and both connections are spliced.
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
+
+use super::{Audit, ProxyError, Rewrite, dial_label, forward};
+use crate::app::SharedApp;
+use crate::http_util::{authenticate, internal, text};
+
+/// Serves one request for node `node_id`; `rest` is the path after the prefix.
+pub async fn handle(
+    app: SharedApp,
+    req: Request<Incoming>,
+    node_id: &str,
+    rest: &str,
+) -> Response<ResponseBody> {
+    let mut audit = Audit::new(
+        app.clone(),
+        "docker",
+        node_id,
+        req.method(),
+        req.uri().path(),
+    );
+    let user = match authenticate(&app, req.headers()) {
+        Ok(user) => user,
+        Err(resp) => return audit.respond(resp),
+    };
+    audit.set_user(&user.name);
+    let mut nodes = match app.store.nodes_named(node_id) {
+        Ok(nodes) => nodes,
+        Err(err) => return audit.respond(internal(&err)),
+    };
+    let node = match nodes.len() {
+        0 => {
+            return audit.respond(text(
+                StatusCode::NOT_FOUND,
+                format!("node {node_id} not found"),
+            ));
+        }
+        1 => nodes.remove(0),
+        _ => {
+            return audit.respond(text(
+                StatusCode::CONFLICT,
+                format!("node name {node_id} is used in several clusters"),
+            ));
+        }
+    };
+    match app.store.is_granted(&user.id, &node.cluster_id) {
+        Ok(true) => {}
+        Ok(false) if user.admin => {}
+        Ok(false) => {
+            return audit.respond(text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user {} has no access to cluster {} of node {node_id}",
+                    user.name, node.cluster_id
+                ),
+            ));
+        }
+        Err(err) => return audit.respond(internal(&err)),
+    }
+    let key = ClientKey::new(node.client_key());
+    let stream = match app.registry.open(&key, "unix", &node.docker_socket) {
+        Ok(s) => {
+            app.metrics.dial("ok");
+            s
+        }
+        Err(err) => {
+            app.metrics.dial(dial_label(&err));
+            let who = format!("node agent of {node_id}");
+            return audit.respond(ProxyError::from_dial(err, &who).into_response());
+        }
+    };
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_owned(),
+    };
+    let rewrite = Rewrite {
+        path_and_query,
+        host: "docker".to_owned(),
+        set_headers: Vec::new(),
+    };
+    forward(stream, req, rewrite, audit).await
+}

@@ -1,0 +1,215 @@
+//! `/k8s/clusters/<cluster-id>/…`: the Kubernetes API of a connected cluster.
+//!
+//! The user authenticates with an API token (401), must hold a grant on the cluster (403; admins
+//! reach every cluster), and the request goes through the cluster agent's tunnel to the
+//! apiserver address the agent reported, over TLS verified with the CA the agent reported. The
+//! server authenticates as the agent's service account and impersonates the user
+//! (`Impersonate-User`, `Impersonate-Group`); whatever credentials or impersonation headers the
+//! client sent are dropped. The `/k8s/clusters/<id>` prefix is removed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
+
+use super::{Audit, ProxyError, Rewrite, dial_label, forward};
+use crate::app::SharedApp;
+use crate::http_util::{authenticate, internal, text};
+use crate::store::Cluster;
+
+/// Bound on the TLS handshake with the apiserver through the tunnel.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one request for cluster `cluster_id`; `rest` is the path after the prefix (starting
+/// with `/`, or empty) and `query` the query string.
+pub async fn handle(
+    app: SharedApp,
+    req: Request<Incoming>,
+    cluster_id: &str,
+    rest: &str,
+) -> Response<ResponseBody> {
+    let mut audit = Audit::new(
+        app.clone(),
+        "k8s",
+        cluster_id,
+        req.method(),
+        req.uri().path(),
+    );
+    let user = match authenticate(&app, req.headers()) {
+        Ok(user) => user,
+        Err(resp) => return audit.respond(resp),
+    };
+    audit.set_user(&user.name);
+    let cluster = match app.store.cluster(cluster_id) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return audit.respond(text(
+                StatusCode::NOT_FOUND,
+                format!("cluster {cluster_id} not found"),
+            ));
+        }
+        Err(err) => return audit.respond(internal(&err)),
+    };
+    match app.store.is_granted(&user.id, cluster_id) {
+        Ok(true) => {}
+        Ok(false) if user.admin => {}
+        Ok(false) => {
+            return audit.respond(text(
+                StatusCode::FORBIDDEN,
+                format!("user {} has no access to cluster {cluster_id}", user.name),
+            ));
+        }
+        Err(err) => return audit.respond(internal(&err)),
+    }
+    let target = match Target::of(&cluster) {
+        Ok(t) => t,
+        Err(err) => return audit.respond(err.into_response()),
+    };
+    let stream = match app
+        .registry
+        .open(&ClientKey::new(cluster_id), "tcp", &target.authority)
+    {
+        Ok(s) => {
+            app.metrics.dial("ok");
+            s
+        }
+        Err(err) => {
+            app.metrics.dial(dial_label(&err));
+            let who = format!("cluster agent of {cluster_id}");
+            return audit.respond(ProxyError::from_dial(err, &who).into_response());
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
+    let tls = match tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        connector.connect(target.server_name.clone(), stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            return audit.respond(text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "cannot reach the apiserver of {cluster_id} at {} through the tunnel: {err}",
+                    target.authority
+                ),
+            ));
+        }
+        Err(_) => {
+            return audit.respond(text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("TLS handshake with the apiserver of {cluster_id} timed out"),
+            ));
+        }
+    };
+
+    let mut set_headers = vec![
+        (http::header::AUTHORIZATION, target.bearer.clone()),
+        (
+            HeaderName::from_static("impersonate-user"),
+            match HeaderValue::from_str(&user.name) {
+                Ok(v) => v,
+                Err(_) => {
+                    return audit.respond(text(
+                        StatusCode::BAD_REQUEST,
+                        "user name is not a valid header value",
+                    ));
+                }
+            },
+        ),
+    ];
+    for group in &user.groups {
+        if let Ok(v) = HeaderValue::from_str(group) {
+            set_headers.push((HeaderName::from_static("impersonate-group"), v));
+        }
+    }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_owned(),
+    };
+    let rewrite = Rewrite {
+        path_and_query,
+        host: target.authority.clone(),
+        set_headers,
+    };
+    forward(tls, req, rewrite, audit).await
+}
+
+/// Where and how to reach a cluster's apiserver.
+struct Target {
+    authority: String,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    bearer: HeaderValue,
+}
+
+impl Target {
+    fn of(cluster: &Cluster) -> Result<Self, ProxyError> {
+        let (Some(endpoint), Some(ca), Some(token)) =
+            (&cluster.api_endpoint, &cluster.ca_cert, &cluster.sa_token)
+        else {
+            return Err(ProxyError::Unavailable(format!(
+                "the cluster agent of {} has not registered yet",
+                cluster.id
+            )));
+        };
+        let uri: http::Uri = endpoint.parse().map_err(|_| {
+            ProxyError::BadGateway(format!(
+                "invalid apiEndpoint {endpoint:?} reported by the agent"
+            ))
+        })?;
+        let host = uri.host().unwrap_or_default();
+        let port = uri.port_u16().unwrap_or(443);
+        let authority = format!("{host}:{port}");
+        let bare_host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = ServerName::try_from(bare_host).map_err(|_| {
+            ProxyError::BadGateway(format!(
+                "invalid apiserver host {host:?} reported by the agent"
+            ))
+        })?;
+        let ca_pem = data_encoding::BASE64
+            .decode(ca.trim().as_bytes())
+            .map_err(|_| ProxyError::BadGateway("the agent's caCert is not base64".to_owned()))?;
+        let tls = client_tls(&ca_pem).map_err(ProxyError::BadGateway)?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            ProxyError::BadGateway("the agent's token is not a valid header value".to_owned())
+        })?;
+        Ok(Self {
+            authority,
+            server_name,
+            tls,
+            bearer,
+        })
+    }
+}
+
+/// A TLS client configuration trusting only the CA(s) in `ca_pem`, HTTP/1.1 by ALPN.
+pub fn client_tls(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| format!("the agent's caCert is not PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the agent's caCert is not a usable CA: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("the agent's caCert holds no certificate".to_owned());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,413 @@
+//! Reverse proxying through tunnel streams: one HTTP/1.1 exchange per stream, bodies streamed
+//! both ways without buffering, and HTTP upgrades (SPDY, websocket, Docker's `tcp` hijack)
+//! spliced both ways after the `101`.
+//!
+//! ```text
+//!   client ──hyper server──▶ handler ──Stream (tunnel)──[TLS]──▶ hyper client http1 ──▶ agent ──▶ apiserver / dockerd
+//!            ◀── response head + streamed body ◀───────────────────────────────
+//!   on 101: hyper::upgrade::on(client req) ⇄ copy_bidirectional ⇄ hyper::upgrade::on(upstream resp)
+//! ```
+//!
+//! Every proxied request leaves one audit line (target `audit`) and updates the metrics when it
+//! ends: when its response body has been sent (or dropped), or when an upgraded connection
+//! closes.
+
+pub mod docker;
+pub mod kube;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tunnel_proto::driver::acceptor::{BoxError, ResponseBody};
+use tunnel_proto::driver::registry::DialError;
+
+use crate::app::SharedApp;
+use crate::http_util::text;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded as such.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Whether a request asks for a protocol upgrade (`Connection: upgrade` plus `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers.get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`; keeps `Upgrade` and
+/// `Connection: Upgrade` when `keep_upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = headers.get(UPGRADE).cloned();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(UPGRADE);
+    if keep_upgrade && let Some(upgrade) = upgrade {
+        headers.insert(UPGRADE, upgrade);
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+}
+
+/// Removes what a client must never be able to pass downstream: its own credentials and any
+/// impersonation request.
+pub fn strip_client_credentials(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+    headers.remove(http::header::AUTHORIZATION);
+    headers.remove(http::header::COOKIE);
+}
+
+// === audit ===
+
+/// One proxied request's audit record; logs and counts when dropped (when the response body
+/// or the upgraded connection is done).
+pub struct Audit {
+    app: SharedApp,
+    kind: &'static str,
+    target: String,
+    user: String,
+    method: Method,
+    path: String,
+    started: tokio::time::Instant,
+    status: AtomicU16,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+}
+
+impl Audit {
+    /// Starts a record for a request to `kind` (`k8s`, `docker`) `target`.
+    pub fn new(
+        app: SharedApp,
+        kind: &'static str,
+        target: &str,
+        method: &Method,
+        path: &str,
+    ) -> Self {
+        Self {
+            app,
+            kind,
+            target: target.to_owned(),
+            user: "-".to_owned(),
+            method: method.clone(),
+            path: path.to_owned(),
+            started: tokio::time::Instant::now(),
+            status: AtomicU16::new(0),
+            bytes_in: Arc::default(),
+            bytes_out: Arc::default(),
+        }
+    }
+
+    /// Names the authenticated user.
+    pub fn set_user(&mut self, user: &str) {
+        user.clone_into(&mut self.user);
+    }
+
+    /// Finishes a request answered locally (an error before reaching the target).
+    pub fn respond(self, resp: Response<ResponseBody>) -> Response<ResponseBody> {
+        self.status.store(resp.status().as_u16(), Ordering::Relaxed);
+        resp
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        let status = self.status.load(Ordering::Relaxed);
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(
+            target: "audit",
+            user = %self.user,
+            kind = self.kind,
+            target_id = %self.target,
+            verb = %self.method,
+            path = %self.path,
+            status,
+            bytes_in,
+            bytes_out,
+            duration_ms,
+            "proxied request"
+        );
+        self.app
+            .metrics
+            .proxied(self.kind, &self.target, status, bytes_in, bytes_out);
+    }
+}
+
+/// A body that counts the data bytes through it and holds the audit record until it is done.
+struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+    _audit: Option<Arc<Audit>>,
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === forwarding ===
+
+/// What changes between the client's request and the upstream one.
+pub struct Rewrite {
+    /// The upstream request target (origin form: path and query).
+    pub path_and_query: String,
+    /// The upstream `Host`.
+    pub host: String,
+    /// Headers to set (credentials, impersonation), after the client's were stripped.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// A failure on the way to the target, with the status it deserves: 503 when the tunnel is
+/// not there, 502 when the agent or target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No usable tunnel.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The agent, the target or the connection to it failed.
+    #[error("{0}")]
+    BadGateway(String),
+}
+
+impl ProxyError {
+    /// The response for this error.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        match self {
+            Self::Unavailable(msg) => text(StatusCode::SERVICE_UNAVAILABLE, msg),
+            Self::BadGateway(msg) => text(StatusCode::BAD_GATEWAY, msg),
+        }
+    }
+
+    /// From a failed registry dial, naming who is unreachable.
+    pub fn from_dial(err: DialError, who: &str) -> Self {
+        match err {
+            DialError::NoSession(_) => {
+                Self::Unavailable(format!("{who} is not connected (no tunnel session)"))
+            }
+            DialError::Unhealthy { .. } => Self::Unavailable(format!(
+                "{who} is not responding: its tunnel has been silent ({err})"
+            )),
+            other => Self::BadGateway(format!("{who}: {other}")),
+        }
+    }
+}
+
+/// The dial result label for metrics.
+pub fn dial_label(err: &DialError) -> &'static str {
+    match err {
+        DialError::NoSession(_) => "no_session",
+        DialError::Unhealthy { .. } => "unhealthy",
+        _ => "refused",
+    }
+}
+
+/// Sends `req` over `io` as one HTTP/1.1 exchange and returns the response to give the client,
+/// streaming both bodies, or splicing both connections after a `101`.
+pub async fn forward<S>(
+    io: S,
+    mut req: Request<Incoming>,
+    rewrite: Rewrite,
+    audit: Audit,
+) -> Response<ResponseBody>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_client_credentials(&mut parts.headers);
+    for (name, value) in rewrite.set_headers {
+        parts.headers.append(name, value);
+    }
+    let host = match HeaderValue::from_str(&rewrite.host) {
+        Ok(h) => h,
+        Err(_) => return audit.respond(text(StatusCode::BAD_GATEWAY, "invalid upstream host")),
+    };
+    parts.headers.insert(HOST, host);
+    parts.uri = match rewrite.path_and_query.parse() {
+        Ok(uri) => uri,
+        Err(_) => return audit.respond(text(StatusCode::BAD_REQUEST, "invalid request path")),
+    };
+    parts.version = http::Version::HTTP_11;
+    let bytes_in = audit.bytes_in.clone();
+    let upstream_req = Request::from_parts(
+        parts,
+        Counted {
+            inner: body,
+            count: bytes_in,
+            _audit: None,
+        },
+    );
+
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+        Ok(pair) => pair,
+        Err(err) => {
+            return audit.respond(text(
+                StatusCode::BAD_GATEWAY,
+                format!("HTTP handshake through the tunnel failed: {err}"),
+            ));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(err) = conn.with_upgrades().await {
+            tracing::debug!(error = %err, "upstream connection ended with an error");
+        }
+    });
+    let mut resp = match sender.send_request(upstream_req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            return audit.respond(text(
+                StatusCode::BAD_GATEWAY,
+                format!("error from the target through the tunnel: {err}"),
+            ));
+        }
+    };
+    audit
+        .status
+        .store(resp.status().as_u16(), Ordering::Relaxed);
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return audit.respond(text(
+                StatusCode::BAD_GATEWAY,
+                "the target switched protocols without being asked to",
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let mut out = crate::http_util::empty(StatusCode::SWITCHING_PROTOCOLS);
+        for (name, value) in resp.headers() {
+            out.headers_mut().append(name, value.clone());
+        }
+        tokio::spawn(splice(client_upgrade, upstream_upgrade, audit));
+        return out;
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let bytes_out = audit.bytes_out.clone();
+    let body = Counted {
+        inner: body,
+        count: bytes_out,
+        _audit: Some(Arc::new(audit)),
+    }
+    .map_err(|e| -> BoxError { Box::new(e) })
+    .boxed();
+    Response::from_parts(parts, body)
+}
+
+/// Joins an upgraded client connection with the upgraded upstream one until either ends.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    audit: Audit,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((to_upstream, to_client)) => {
+            audit.bytes_in.fetch_add(to_upstream, Ordering::Relaxed);
+            audit.bytes_out.fetch_add(to_client, Ordering::Relaxed);
+        }
+        Err(err) => tracing::debug!(error = %err, "upgraded connection ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_forged_and_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer user"));
+        h.insert("impersonate-user", HeaderValue::from_static("admin"));
+        h.append(
+            "impersonate-group",
+            HeaderValue::from_static("system:masters"),
+        );
+        h.insert("impersonate-extra-scopes", HeaderValue::from_static("x"));
+        h.insert("connection", HeaderValue::from_static("Upgrade, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("SPDY/3.1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        strip_client_credentials(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["accept", "connection", "upgrade"]);
+        assert_eq!(h["connection"], "Upgrade");
+    }
+}

@@ -1,0 +1,135 @@
+//! The router behind the acceptor: every request that is not a tunnel upgrade.
+//!
+//! | path | what |
+//! |---|---|
+//! | `GET /ping` | `pong` (agents' pre-flight) |
+//! | `GET /healthz` | `ok` |
+//! | `GET /v3/settings/cacerts` | JSON setting, `value` = the CA PEM, trimmed |
+//! | `GET /cacerts` | the CA PEM |
+//! | `/v3/connect/config` | 404 (≤ 2.11 agents: "no plan") |
+//! | `GET /v3/import/<token>_<cluster-id>.yaml` | the import manifest |
+//! | `/k8s/clusters/<cluster-id>/…` | the cluster's Kubernetes API ([`crate::proxy::kube`]) |
+//! | `/docker/nodes/<node-id>/…` | the node's Docker API ([`crate::proxy::docker`]) |
+//! | `/v1/…` | the management API ([`crate::api`]) |
+//! | `GET /metrics` | Prometheus text |
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tunnel_proto::driver::acceptor::ResponseBody;
+
+use crate::app::SharedApp;
+use crate::http_util::{json_response, text};
+use crate::import::{ImportParams, render};
+use crate::tokens::valid_id;
+
+/// Longest request path (and query) accepted; hyper bounds the header block as a whole.
+pub const MAX_URI_LEN: usize = 8 << 10;
+
+/// Answers one request.
+pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseBody> {
+    let uri_len = req.uri().path().len() + req.uri().query().map_or(0, str::len);
+    if uri_len > MAX_URI_LEN {
+        return text(StatusCode::URI_TOO_LONG, "request URI too long");
+    }
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+
+    if let Some(rest) = path.strip_prefix("/k8s/clusters/") {
+        let (id, rest) = split_id(rest);
+        if !valid_id(id) {
+            return text(StatusCode::BAD_REQUEST, "invalid cluster id");
+        }
+        return crate::proxy::kube::handle(app.clone(), req, id, rest).await;
+    }
+    if let Some(rest) = path.strip_prefix("/docker/nodes/") {
+        let (id, rest) = split_id(rest);
+        if !valid_id(id) {
+            return text(StatusCode::BAD_REQUEST, "invalid node id");
+        }
+        return crate::proxy::docker::handle(app.clone(), req, id, rest).await;
+    }
+    if path == "/v1" || path.starts_with("/v1/") {
+        return crate::api::handle(app, req).await;
+    }
+    if let Some(name) = path.strip_prefix("/v3/import/") {
+        return import(&app, &req, name);
+    }
+
+    match (method, path.as_str()) {
+        (Method::GET | Method::HEAD, "/ping") => text(StatusCode::OK, "pong"),
+        (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
+        (Method::GET, "/v3/settings/cacerts") => json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "type": "setting",
+                "id": "cacerts",
+                "name": "cacerts",
+                "value": app.config.cacerts,
+            }),
+        ),
+        (Method::GET, "/cacerts") => {
+            let mut resp = text(StatusCode::OK, app.config.cacerts.clone());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-pem-file"),
+            );
+            resp
+        }
+        (_, "/v3/connect/config") => text(StatusCode::NOT_FOUND, "404 page not found"),
+        (Method::GET, "/metrics") => {
+            let mut resp = text(StatusCode::OK, app.metrics.render(&app.registry));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "404 page not found"),
+    }
+}
+
+/// `<id>/rest…` → (`<id>`, `/rest…`).
+fn split_id(s: &str) -> (&str, &str) {
+    match s.find('/') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, ""),
+    }
+}
+
+fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<ResponseBody> {
+    let invalid = || {
+        text(
+            StatusCode::BAD_REQUEST,
+            "cluster not found or invalid token",
+        )
+    };
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    let Some((token, cluster_id)) = name.strip_suffix(".yaml").and_then(|n| n.rsplit_once('_'))
+    else {
+        return invalid();
+    };
+    if !valid_id(cluster_id) {
+        return invalid();
+    }
+    match app.store.cluster_for_registration_token(token) {
+        Ok(Some(owner)) if owner == cluster_id => {}
+        Ok(_) => return invalid(),
+        Err(err) => return crate::http_util::internal(&err),
+    }
+    let node_agent = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "nodeAgent=true"));
+    let checksum = app.ca_checksum();
+    let yaml = render(&ImportParams {
+        server_url: &app.config.server_url,
+        token,
+        ca_checksum: &checksum,
+        agent_image: &app.config.agent_image,
+        node_agent_image: &app.config.node_agent_image,
+        node_agent,
+    });
+    text(StatusCode::OK, yaml)
+}

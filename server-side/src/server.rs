@@ -1,0 +1,306 @@
+//! Assembles and runs the server: store, PKI, tunnel registry, acceptor (tunnel upgrades at
+//! `/v3/connect[/register]`, everything else to [`crate::routes`]), the Connected prober.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::driver::acceptor::{Acceptor, AcceptorConfig, AuthRequest, tls_server_config};
+use tunnel_proto::driver::registry::{Registry, RegistryEvent, serve_acceptor_tunnel};
+use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, websocket_config};
+use tunnel_proto::mux::refuse_all;
+use tunnel_proto::{Role, SessionConfig};
+
+use crate::app::{App, AppConfig, SharedApp};
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// The tunnel mount paths.
+pub const MOUNT_PATHS: [&str; 2] = ["/v3/connect", "/v3/connect/register"];
+
+/// Default cluster agent image in import manifests.
+pub const DEFAULT_AGENT_IMAGE: &str = "tunnel-project/cattle-cluster-agent:dev";
+/// Default node agent image in import manifests.
+pub const DEFAULT_NODE_AGENT_IMAGE: &str = "tunnel-project/cattle-node-agent:dev";
+/// Store file name inside the data directory.
+pub const STORE_FILE: &str = "state.db";
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// A CA and serving certificate the server creates on first start and keeps in the store.
+    Generated,
+    /// Operator-provided files.
+    Files {
+        /// PEM chain, leaf first.
+        cert: PathBuf,
+        /// PEM key.
+        key: PathBuf,
+        /// The CA agents should pin (`/cacerts`); none for a publicly trusted certificate.
+        cacerts: Option<PathBuf>,
+    },
+    /// Plain HTTP (tests only).
+    InsecureHttp,
+}
+
+/// `serve` settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Listen address.
+    pub listen: String,
+    /// Data directory (store file, `ca.pem`).
+    pub data_dir: PathBuf,
+    /// Public URL; default `https://<listen address>`.
+    pub server_url: Option<String>,
+    /// TLS.
+    pub tls: TlsSource,
+    /// Cluster agent image.
+    pub agent_image: String,
+    /// Node agent image.
+    pub node_agent_image: String,
+    /// Connected probe interval (default 15 s).
+    pub probe_interval: Duration,
+    /// How long shutdown waits for requests and tunnels (default 10 s).
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults for everything but the listen address and data directory.
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            server_url: None,
+            tls: TlsSource::Generated,
+            agent_image: DEFAULT_AGENT_IMAGE.to_owned(),
+            node_agent_image: DEFAULT_NODE_AGENT_IMAGE.to_owned(),
+            probe_interval: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The data directory or a TLS file could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The PKI could not be created.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// The TLS configuration was refused.
+    #[error("TLS: {0}")]
+    Tls(#[from] tunnel_proto::driver::acceptor::ServerTlsError),
+    /// The server URL is not a URL.
+    #[error("invalid --server-url {0:?}: expected http(s)://host[:port]")]
+    ServerUrl(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// Opens the store in a data directory, creating the directory (mode 0700) if needed.
+pub fn open_store(data_dir: &std::path::Path) -> Result<SqliteStore, ServeError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(io_err(format!("creating {}", data_dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(SqliteStore::open(&data_dir.join(STORE_FILE))?)
+}
+
+/// A bound, ready server.
+pub struct Server {
+    app: SharedApp,
+    listener: TcpListener,
+    acceptor: Acceptor,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the store, sets up TLS and binds the listener.
+    pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
+        let store = Arc::new(open_store(&config.data_dir)?);
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(io_err(format!("binding {}", config.listen)))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(io_err("reading the listen address"))?;
+        let scheme = match config.tls {
+            TlsSource::InsecureHttp => "http",
+            _ => "https",
+        };
+        let server_url = match &config.server_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let mut addr = local_addr;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                    tracing::warn!(
+                        "no --server-url: manifests and kubeconfigs will point at {addr}"
+                    );
+                }
+                format!("{scheme}://{addr}")
+            }
+        };
+        let url_host = server_url
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.scheme_str().is_some())
+            .and_then(|u| {
+                u.host()
+                    .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            })
+            .ok_or_else(|| ServeError::ServerUrl(server_url.clone()))?;
+
+        let (tls, cacerts) = match &config.tls {
+            TlsSource::InsecureHttp => {
+                tracing::warn!("serving plain HTTP (--insecure-http): for tests only");
+                (None, String::new())
+            }
+            TlsSource::Generated => {
+                let mut sans = vec![
+                    "localhost".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "::1".to_owned(),
+                    url_host,
+                ];
+                if !local_addr.ip().is_unspecified() {
+                    sans.push(local_addr.ip().to_string());
+                }
+                let pki = crate::pki::ensure(store.as_ref(), &sans)?;
+                let chain = format!("{}{}", pki.cert_pem, pki.ca_cert_pem);
+                let ca_file = config.data_dir.join("ca.pem");
+                std::fs::write(&ca_file, &pki.ca_cert_pem)
+                    .map_err(io_err(format!("writing {}", ca_file.display())))?;
+                (
+                    Some(tls_server_config(chain.as_bytes(), pki.key_pem.as_bytes())?),
+                    crate::pki::cacerts_value(&pki.ca_cert_pem),
+                )
+            }
+            TlsSource::Files { cert, key, cacerts } => {
+                let read = |p: &PathBuf| {
+                    std::fs::read(p).map_err(io_err(format!("reading {}", p.display())))
+                };
+                let cert_pem = read(cert)?;
+                let key_pem = read(key)?;
+                let cacerts = match cacerts {
+                    Some(p) => crate::pki::cacerts_value(&String::from_utf8_lossy(&read(p)?)),
+                    None => String::new(),
+                };
+                (Some(tls_server_config(&cert_pem, &key_pem)?), cacerts)
+            }
+        };
+        store.set_setting("server-url", &server_url)?;
+        store.set_setting("cacerts", &cacerts)?;
+
+        let registry = Registry::default();
+        let app = Arc::new(App::new(
+            store,
+            registry.clone(),
+            AppConfig {
+                server_url,
+                cacerts,
+                agent_image: config.agent_image.clone(),
+                node_agent_image: config.node_agent_image.clone(),
+                probe_interval: config.probe_interval,
+            },
+        ));
+
+        let mut acceptor_config = AcceptorConfig::new(MOUNT_PATHS);
+        acceptor_config
+            .set_tls(tls)
+            .set_shutdown_grace(config.shutdown_grace)
+            .set_websocket_config(Some(websocket_config(DEFAULT_MAX_MESSAGE)));
+        let auth_app = app.clone();
+        let route_app = app.clone();
+        let acceptor = Acceptor::new(
+            acceptor_config,
+            move |req: AuthRequest| {
+                let app = auth_app.clone();
+                async move { crate::tunnel_auth::authorize(&app, &req) }
+            },
+            move |tunnel| {
+                let registry = registry.clone();
+                async move {
+                    let config = SessionConfig::new(Role::Server);
+                    let _ = serve_acceptor_tunnel(&registry, tunnel, config, refuse_all()).await;
+                }
+            },
+            move |req| crate::routes::route(route_app.clone(), req),
+        );
+        Ok(Self {
+            app,
+            listener,
+            acceptor,
+            local_addr,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared state.
+    pub fn app(&self) -> &SharedApp {
+        &self.app
+    }
+
+    /// Serves until `shutdown` fires, then drains (bounded by the shutdown grace).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let background = shutdown.child_token();
+        tokio::spawn(crate::probe::run(self.app.clone(), background.clone()));
+        tokio::spawn(count_sessions(self.app.clone(), background.clone()));
+        self.acceptor.serve(self.listener, shutdown).await;
+        background.cancel();
+    }
+}
+
+async fn count_sessions(app: SharedApp, shutdown: CancellationToken) {
+    let mut events = app.registry.subscribe();
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok(RegistryEvent::Added { key, .. }) => {
+                tracing::info!(%key, "tunnel session registered");
+                app.metrics.session_added();
+            }
+            Ok(RegistryEvent::Removed { key, reason, .. }) => {
+                tracing::info!(%key, %reason, "tunnel session removed");
+                app.metrics.session_removed();
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Durable state: clusters, registration tokens, nodes, users, API tokens, grants, the server's
+//! PKI and a few settings.
+//!
+//! [`Store`] is the interface the server uses; [`SqliteStore`] is the embedded implementation
+//! (one SQLite file in WAL mode, schema migrations in code). Every call is a short local
+//! transaction, so callers on the async runtime call it directly.
+//!
+//! Secrets: registration tokens are kept as given, because agents send them verbatim and a
+//! Go agent's token must match byte for byte; API tokens are kept only as SHA-256 hashes and
+//! compared in constant time.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use serde::Serialize;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database refused the operation or could not be opened.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A unique name or id is already taken.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// A referenced object does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A stored value could not be read back.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer version of this program.
+    #[error("database schema version {found} is newer than this program's {supported}")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this program knows.
+        supported: i64,
+    },
+}
+
+/// Result of a store call.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An imported cluster and what its agent last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    /// `c-xxxxx`.
+    pub id: String,
+    /// Unique display name.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// `https://<address>` as reported by the cluster agent (status.apiEndpoint).
+    pub api_endpoint: Option<String>,
+    /// The base64 of the apiserver CA PEM, as the agent sent it (status.caCert).
+    pub ca_cert: Option<String>,
+    /// The agent's service-account token; never serialized.
+    #[serde(skip)]
+    pub sa_token: Option<String>,
+}
+
+/// What a cluster agent reported in its tunnel params.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterAgentReport {
+    /// `https://<address>`.
+    pub api_endpoint: String,
+    /// Base64 of the CA PEM.
+    pub ca_cert: String,
+    /// The service-account token.
+    pub sa_token: String,
+}
+
+/// A registration token of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationToken {
+    /// The token, 54 characters.
+    pub token: String,
+    /// Its cluster.
+    pub cluster_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A node (a node agent's host) of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    /// Machine name, `m-<first 12 hex of md5(hostname)>`.
+    pub id: String,
+    /// Its cluster.
+    pub cluster_id: String,
+    /// The requested hostname the agent sent.
+    pub hostname: String,
+    /// Docker socket path dialed through the node's tunnel.
+    pub docker_socket: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The node params as last sent (JSON).
+    pub params: serde_json::Value,
+}
+
+impl Node {
+    /// The tunnel client key of this node: `<cluster>:<machine>`.
+    pub fn client_key(&self) -> String {
+        format!("{}:{}", self.cluster_id, self.id)
+    }
+}
+
+/// Default Docker socket of a node.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// A user of the proxied APIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    /// `u-xxxxxxxx`.
+    pub id: String,
+    /// Unique name; also the `Impersonate-User` downstream.
+    pub name: String,
+    /// Groups sent as `Impersonate-Group`.
+    pub groups: Vec<String>,
+    /// May use the `/v1` management API and reach every cluster.
+    pub admin: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An API token (its secret is shown once, at creation, and kept only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiToken {
+    /// `token-xxxxx`, the part before `:` in the bearer token.
+    pub id: String,
+    /// Its user.
+    pub user_id: String,
+    /// Free text.
+    pub description: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Revoked tokens authenticate nobody.
+    pub revoked: bool,
+}
+
+/// A user's access to a cluster (its API and its nodes' Docker APIs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Grant {
+    /// The user.
+    pub user_id: String,
+    /// The cluster.
+    pub cluster_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// The server's CA and serving certificate, PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerPki {
+    /// The CA certificate (what `/cacerts` serves).
+    pub ca_cert_pem: String,
+    /// The CA private key.
+    pub ca_key_pem: String,
+    /// The serving certificate, signed by the CA.
+    pub cert_pem: String,
+    /// The serving key.
+    pub key_pem: String,
+    /// The names the serving certificate covers (to know when to reissue it).
+    pub sans: Vec<String>,
+}
+
+/// The state the server keeps. Implementations must be safe to share across tasks.
+pub trait Store: Send + Sync + 'static {
+    // === clusters ===
+
+    /// Creates a cluster named `name` with one fresh registration token.
+    fn create_cluster(&self, name: &str) -> Result<(Cluster, RegistrationToken)>;
+    /// A cluster by id.
+    fn cluster(&self, id: &str) -> Result<Option<Cluster>>;
+    /// A cluster by id or name.
+    fn cluster_by_id_or_name(&self, id_or_name: &str) -> Result<Option<Cluster>>;
+    /// All clusters, by name.
+    fn clusters(&self) -> Result<Vec<Cluster>>;
+    /// Deletes a cluster and everything that belongs to it; false if there was none.
+    fn delete_cluster(&self, id: &str) -> Result<bool>;
+    /// Stores what the cluster agent reported; true if anything changed.
+    fn set_cluster_agent_report(&self, id: &str, report: &ClusterAgentReport) -> Result<bool>;
+
+    // === registration tokens ===
+
+    /// The cluster a registration token belongs to (exact match, as sent by the agent).
+    fn cluster_for_registration_token(&self, token: &str) -> Result<Option<String>>;
+    /// The tokens of a cluster, oldest first.
+    fn registration_tokens(&self, cluster_id: &str) -> Result<Vec<RegistrationToken>>;
+    /// Adds a fresh token to a cluster.
+    fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken>;
+
+    // === nodes ===
+
+    /// A node of a cluster.
+    fn node(&self, cluster_id: &str, id: &str) -> Result<Option<Node>>;
+    /// Nodes with machine name `id` in any cluster (normally at most one).
+    fn nodes_named(&self, id: &str) -> Result<Vec<Node>>;
+    /// All nodes, or those of one cluster.
+    fn nodes(&self, cluster_id: Option<&str>) -> Result<Vec<Node>>;
+    /// Creates a node, or updates its hostname and params if it exists.
+    fn upsert_node(&self, node: &Node) -> Result<()>;
+    /// Deletes a node; false if there was none.
+    fn delete_node(&self, cluster_id: &str, id: &str) -> Result<bool>;
+
+    // === users and API tokens ===
+
+    /// Creates a user.
+    fn create_user(&self, name: &str, groups: &[String], admin: bool) -> Result<User>;
+    /// A user by id.
+    fn user(&self, id: &str) -> Result<Option<User>>;
+    /// A user by id or name.
+    fn user_by_id_or_name(&self, id_or_name: &str) -> Result<Option<User>>;
+    /// All users, by name.
+    fn users(&self) -> Result<Vec<User>>;
+    /// Deletes a user, their tokens and grants; false if there was none.
+    fn delete_user(&self, id: &str) -> Result<bool>;
+    /// Creates an API token; returns it and the bearer value `token-xxxxx:<secret>`, which is
+    /// not kept.
+    fn create_api_token(&self, user_id: &str, description: &str) -> Result<(ApiToken, String)>;
+    /// The user a bearer value authenticates (not revoked, hash matches), if any.
+    fn authenticate(&self, bearer: &str) -> Result<Option<User>>;
+    /// All API tokens, or those of one user.
+    fn api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiToken>>;
+    /// Revokes a token; false if there was none.
+    fn revoke_api_token(&self, id: &str) -> Result<bool>;
+
+    // === grants ===
+
+    /// Grants a user access to a cluster (idempotent).
+    fn grant(&self, user_id: &str, cluster_id: &str) -> Result<Grant>;
+    /// Withdraws a grant; false if there was none.
+    fn revoke_grant(&self, user_id: &str, cluster_id: &str) -> Result<bool>;
+    /// All grants.
+    fn grants(&self) -> Result<Vec<Grant>>;
+    /// Whether the user may reach the cluster.
+    fn is_granted(&self, user_id: &str, cluster_id: &str) -> Result<bool>;
+
+    // === server ===
+
+    /// The server's PKI, if created.
+    fn pki(&self) -> Result<Option<ServerPki>>;
+    /// Stores the server's PKI.
+    fn set_pki(&self, pki: &ServerPki) -> Result<()>;
+    /// A setting.
+    fn setting(&self, name: &str) -> Result<Option<String>>;
+    /// Sets a setting.
+    fn set_setting(&self, name: &str, value: &str) -> Result<()>;
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,755 @@
+//! [`Store`] on one SQLite file: WAL journal, `synchronous=FULL`, foreign keys with cascading
+//! deletes, and schema migrations applied in order at open (table `schema_version`).
+//!
+//! A committed transaction survives the process being killed (`kill -9`): WAL with
+//! `synchronous=FULL` syncs the log on every commit. Other processes (the CLI while the server
+//! runs) may open the same file; writers wait up to 5 s for each other.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{
+    ApiToken, Cluster, ClusterAgentReport, Grant, Node, RegistrationToken, Result, ServerPki,
+    Store, StoreError, User, now_unix,
+};
+use crate::tokens;
+
+/// Schema migrations, in order; migration `i` brings the schema to version `i + 1`. Never edit
+/// a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "
+    CREATE TABLE clusters (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        api_endpoint TEXT,
+        ca_cert TEXT,
+        sa_token TEXT
+    );
+    CREATE TABLE registration_tokens (
+        token TEXT PRIMARY KEY,
+        cluster_id TEXT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX registration_tokens_cluster ON registration_tokens(cluster_id);
+    CREATE TABLE nodes (
+        cluster_id TEXT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+        id TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        docker_socket TEXT NOT NULL,
+        params TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (cluster_id, id)
+    );
+    CREATE INDEX nodes_id ON nodes(id);
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        groups_json TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        secret_sha256 BLOB NOT NULL,
+        description TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE grants (
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        cluster_id TEXT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (user_id, cluster_id)
+    );
+    CREATE TABLE pki (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        ca_cert_pem TEXT NOT NULL,
+        ca_key_pem TEXT NOT NULL,
+        cert_pem TEXT NOT NULL,
+        key_pem TEXT NOT NULL,
+        sans_json TEXT NOT NULL
+    );
+    CREATE TABLE settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    ",
+];
+
+/// The embedded store. See the module docs.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database (tests).
+    pub fn open_in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // journal_mode answers with a row; in-memory databases stay "memory".
+        let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic mid-call leaves SQLite's own transaction state consistent (an open
+        // transaction is rolled back when its guard drops).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))?)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: Option<i64> = tx
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?;
+    let current = match current {
+        Some(v) => v,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", [])?;
+            0
+        }
+    };
+    let supported = MIGRATIONS.len() as i64;
+    if current > supported {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tracing::info!(version = i + 1, "applying schema migration");
+        tx.execute_batch(sql)?;
+        tx.execute("UPDATE schema_version SET version = ?1", [i as i64 + 1])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn conflict_or(err: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    match &err {
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict(what())
+        }
+        _ => StoreError::Sqlite(err),
+    }
+}
+
+const CLUSTER_COLS: &str = "id, name, created_at, api_endpoint, ca_cert, sa_token";
+
+fn cluster_row(r: &Row<'_>) -> rusqlite::Result<Cluster> {
+    Ok(Cluster {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get(2)?,
+        api_endpoint: r.get(3)?,
+        ca_cert: r.get(4)?,
+        sa_token: r.get(5)?,
+    })
+}
+
+const NODE_COLS: &str = "id, cluster_id, hostname, docker_socket, created_at, params";
+
+fn node_row(r: &Row<'_>) -> rusqlite::Result<Node> {
+    let params: String = r.get(5)?;
+    Ok(Node {
+        id: r.get(0)?,
+        cluster_id: r.get(1)?,
+        hostname: r.get(2)?,
+        docker_socket: r.get(3)?,
+        created_at: r.get(4)?,
+        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+const USER_COLS: &str = "id, name, groups_json, admin, created_at";
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
+    let groups: String = r.get(2)?;
+    Ok(User {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        groups: serde_json::from_str(&groups).unwrap_or_default(),
+        admin: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+const TOKEN_COLS: &str = "id, user_id, description, created_at, revoked";
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
+    Ok(ApiToken {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        description: r.get(2)?,
+        created_at: r.get(3)?,
+        revoked: r.get(4)?,
+    })
+}
+
+fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>> {
+    Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
+}
+
+impl Store for SqliteStore {
+    fn create_cluster(&self, name: &str) -> Result<(Cluster, RegistrationToken)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_unix();
+        // Retry on the (unlikely, 27^5) id collision.
+        let mut id = tokens::cluster_id();
+        for _ in 0..8 {
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM clusters WHERE id = ?1)",
+                [&id],
+                |r| r.get(0),
+            )?;
+            if !taken {
+                break;
+            }
+            id = tokens::cluster_id();
+        }
+        tx.execute(
+            "INSERT INTO clusters (id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![id, name, now],
+        )
+        .map_err(|e| conflict_or(e, || format!("cluster {name:?}")))?;
+        let token = tokens::registration_token();
+        tx.execute(
+            "INSERT INTO registration_tokens (token, cluster_id, created_at) VALUES (?1, ?2, ?3)",
+            params![token, id, now],
+        )?;
+        tx.commit()?;
+        Ok((
+            Cluster {
+                id: id.clone(),
+                name: name.to_owned(),
+                created_at: now,
+                api_endpoint: None,
+                ca_cert: None,
+                sa_token: None,
+            },
+            RegistrationToken {
+                token,
+                cluster_id: id,
+                created_at: now,
+            },
+        ))
+    }
+
+    fn cluster(&self, id: &str) -> Result<Option<Cluster>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE id = ?1"),
+                [id],
+                cluster_row,
+            )
+            .optional()?)
+    }
+
+    fn cluster_by_id_or_name(&self, id_or_name: &str) -> Result<Option<Cluster>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {CLUSTER_COLS} FROM clusters WHERE id = ?1 OR name = ?1 \
+                     ORDER BY id = ?1 DESC LIMIT 1"
+                ),
+                [id_or_name],
+                cluster_row,
+            )
+            .optional()?)
+    }
+
+    fn clusters(&self) -> Result<Vec<Cluster>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CLUSTER_COLS} FROM clusters ORDER BY name"
+        ))?;
+        collect(stmt.query_map([], cluster_row)?)
+    }
+
+    fn delete_cluster(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM clusters WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    fn set_cluster_agent_report(&self, id: &str, report: &ClusterAgentReport) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE clusters SET api_endpoint = ?2, ca_cert = ?3, sa_token = ?4 \
+             WHERE id = ?1 AND (api_endpoint IS NOT ?2 OR ca_cert IS NOT ?3 OR sa_token IS NOT ?4)",
+            params![id, report.api_endpoint, report.ca_cert, report.sa_token],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn cluster_for_registration_token(&self, token: &str) -> Result<Option<String>> {
+        // The primary-key lookup finds the row; the constant-time comparison keeps the final
+        // decision independent of how many leading bytes matched (SQLite's own comparison
+        // is not constant-time, but it only ever sees the exact token).
+        let found: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT token, cluster_id FROM registration_tokens WHERE token = ?1",
+                [token],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(found
+            .filter(|(stored, _)| tokens::constant_time_eq(stored, token))
+            .map(|(_, cluster)| cluster))
+    }
+
+    fn registration_tokens(&self, cluster_id: &str) -> Result<Vec<RegistrationToken>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT token, cluster_id, created_at FROM registration_tokens \
+             WHERE cluster_id = ?1 ORDER BY created_at, rowid",
+        )?;
+        collect(stmt.query_map([cluster_id], |r| {
+            Ok(RegistrationToken {
+                token: r.get(0)?,
+                cluster_id: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?)
+    }
+
+    fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken> {
+        let token = RegistrationToken {
+            token: tokens::registration_token(),
+            cluster_id: cluster_id.to_owned(),
+            created_at: now_unix(),
+        };
+        self.conn()
+            .execute(
+                "INSERT INTO registration_tokens (token, cluster_id, created_at) VALUES (?1, ?2, ?3)",
+                params![token.token, token.cluster_id, token.created_at],
+            )
+            .map_err(|e| match conflict_or(e, String::new) {
+                StoreError::Conflict(_) => StoreError::NotFound(format!("cluster {cluster_id}")),
+                other => other,
+            })?;
+        Ok(token)
+    }
+
+    fn node(&self, cluster_id: &str, id: &str) -> Result<Option<Node>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {NODE_COLS} FROM nodes WHERE cluster_id = ?1 AND id = ?2"),
+                [cluster_id, id],
+                node_row,
+            )
+            .optional()?)
+    }
+
+    fn nodes_named(&self, id: &str) -> Result<Vec<Node>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE id = ?1 ORDER BY cluster_id"
+        ))?;
+        collect(stmt.query_map([id], node_row)?)
+    }
+
+    fn nodes(&self, cluster_id: Option<&str>) -> Result<Vec<Node>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE ?1 IS NULL OR cluster_id = ?1 \
+             ORDER BY cluster_id, hostname"
+        ))?;
+        collect(stmt.query_map([cluster_id], node_row)?)
+    }
+
+    fn upsert_node(&self, node: &Node) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO nodes (cluster_id, id, hostname, docker_socket, params, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (cluster_id, id) DO UPDATE SET hostname = ?3, params = ?5",
+                params![
+                    node.cluster_id,
+                    node.id,
+                    node.hostname,
+                    node.docker_socket,
+                    node.params.to_string(),
+                    node.created_at
+                ],
+            )
+            .map_err(|e| match conflict_or(e, String::new) {
+                StoreError::Conflict(_) => {
+                    StoreError::NotFound(format!("cluster {}", node.cluster_id))
+                }
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    fn delete_node(&self, cluster_id: &str, id: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM nodes WHERE cluster_id = ?1 AND id = ?2",
+            [cluster_id, id],
+        )? > 0)
+    }
+
+    fn create_user(&self, name: &str, groups: &[String], admin: bool) -> Result<User> {
+        let user = User {
+            id: tokens::user_id(),
+            name: name.to_owned(),
+            groups: groups.to_vec(),
+            admin,
+            created_at: now_unix(),
+        };
+        let groups_json =
+            serde_json::to_string(&user.groups).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn()
+            .execute(
+                "INSERT INTO users (id, name, groups_json, admin, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![user.id, user.name, groups_json, user.admin, user.created_at],
+            )
+            .map_err(|e| conflict_or(e, || format!("user {name:?}")))?;
+        Ok(user)
+    }
+
+    fn user(&self, id: &str) -> Result<Option<User>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
+                [id],
+                user_row,
+            )
+            .optional()?)
+    }
+
+    fn user_by_id_or_name(&self, id_or_name: &str) -> Result<Option<User>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {USER_COLS} FROM users WHERE id = ?1 OR name = ?1 \
+                     ORDER BY id = ?1 DESC LIMIT 1"
+                ),
+                [id_or_name],
+                user_row,
+            )
+            .optional()?)
+    }
+
+    fn users(&self) -> Result<Vec<User>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY name"))?;
+        collect(stmt.query_map([], user_row)?)
+    }
+
+    fn delete_user(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM users WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    fn create_api_token(&self, user_id: &str, description: &str) -> Result<(ApiToken, String)> {
+        let token = ApiToken {
+            id: tokens::api_token_id(),
+            user_id: user_id.to_owned(),
+            description: description.to_owned(),
+            created_at: now_unix(),
+            revoked: false,
+        };
+        let secret = tokens::api_token_secret();
+        let hash = tokens::hash_secret(&secret);
+        self.conn()
+            .execute(
+                "INSERT INTO api_tokens (id, user_id, secret_sha256, description, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    token.id,
+                    token.user_id,
+                    &hash[..],
+                    token.description,
+                    token.created_at
+                ],
+            )
+            .map_err(|e| match conflict_or(e, String::new) {
+                StoreError::Conflict(_) => StoreError::NotFound(format!("user {user_id}")),
+                other => other,
+            })?;
+        let bearer = format!("{}:{secret}", token.id);
+        Ok((token, bearer))
+    }
+
+    fn authenticate(&self, bearer: &str) -> Result<Option<User>> {
+        let Some((id, secret)) = bearer.split_once(':') else {
+            return Ok(None);
+        };
+        if !tokens::valid_id(id) {
+            return Ok(None);
+        }
+        let conn = self.conn();
+        let found: Option<(Vec<u8>, bool, String)> = conn
+            .query_row(
+                "SELECT secret_sha256, revoked, user_id FROM api_tokens WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((hash, revoked, user_id)) = found else {
+            return Ok(None);
+        };
+        if !tokens::verify_secret(secret, &hash) || revoked {
+            return Ok(None);
+        }
+        Ok(conn
+            .query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
+                [user_id],
+                user_row,
+            )
+            .optional()?)
+    }
+
+    fn api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiToken>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {TOKEN_COLS} FROM api_tokens WHERE ?1 IS NULL OR user_id = ?1 \
+             ORDER BY created_at, id"
+        ))?;
+        collect(stmt.query_map([user_id], token_row)?)
+    }
+
+    fn revoke_api_token(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("UPDATE api_tokens SET revoked = 1 WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    fn grant(&self, user_id: &str, cluster_id: &str) -> Result<Grant> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO grants (user_id, cluster_id, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (user_id, cluster_id) DO NOTHING",
+            params![user_id, cluster_id, now_unix()],
+        )
+        .map_err(|e| match conflict_or(e, String::new) {
+            StoreError::Conflict(_) => {
+                StoreError::NotFound(format!("user {user_id} or cluster {cluster_id}"))
+            }
+            other => other,
+        })?;
+        Ok(conn.query_row(
+            "SELECT user_id, cluster_id, created_at FROM grants \
+             WHERE user_id = ?1 AND cluster_id = ?2",
+            [user_id, cluster_id],
+            |r| {
+                Ok(Grant {
+                    user_id: r.get(0)?,
+                    cluster_id: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            },
+        )?)
+    }
+
+    fn revoke_grant(&self, user_id: &str, cluster_id: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM grants WHERE user_id = ?1 AND cluster_id = ?2",
+            [user_id, cluster_id],
+        )? > 0)
+    }
+
+    fn grants(&self) -> Result<Vec<Grant>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT user_id, cluster_id, created_at FROM grants ORDER BY user_id, cluster_id",
+        )?;
+        collect(stmt.query_map([], |r| {
+            Ok(Grant {
+                user_id: r.get(0)?,
+                cluster_id: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?)
+    }
+
+    fn is_granted(&self, user_id: &str, cluster_id: &str) -> Result<bool> {
+        Ok(self.conn().query_row(
+            "SELECT EXISTS(SELECT 1 FROM grants WHERE user_id = ?1 AND cluster_id = ?2)",
+            [user_id, cluster_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn pki(&self) -> Result<Option<ServerPki>> {
+        let row: Option<(String, String, String, String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT ca_cert_pem, ca_key_pem, cert_pem, key_pem, sans_json FROM pki WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        row.map(|(ca_cert_pem, ca_key_pem, cert_pem, key_pem, sans)| {
+            Ok(ServerPki {
+                ca_cert_pem,
+                ca_key_pem,
+                cert_pem,
+                key_pem,
+                sans: serde_json::from_str(&sans)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            })
+        })
+        .transpose()
+    }
+
+    fn set_pki(&self, pki: &ServerPki) -> Result<()> {
+        let sans =
+            serde_json::to_string(&pki.sans).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "INSERT INTO pki (id, ca_cert_pem, ca_key_pem, cert_pem, key_pem, sans_json) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO UPDATE SET \
+             ca_cert_pem = ?1, ca_key_pem = ?2, cert_pem = ?3, key_pem = ?4, sans_json = ?5",
+            params![
+                pki.ca_cert_pem,
+                pki.ca_key_pem,
+                pki.cert_pem,
+                pki.key_pem,
+                sans
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn setting(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn set_setting(&self, name: &str, value: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET value = ?2",
+            [name, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_tokens_nodes_users_grants() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let (c, t) = store.create_cluster("prod").unwrap();
+        assert!(matches!(
+            store.create_cluster("prod"),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            store.cluster_for_registration_token(&t.token).unwrap(),
+            Some(c.id.clone())
+        );
+        assert_eq!(store.cluster_for_registration_token("nope").unwrap(), None);
+        let report = ClusterAgentReport {
+            api_endpoint: "https://10.43.0.1:443".into(),
+            ca_cert: "Y2E=".into(),
+            sa_token: "jwt".into(),
+        };
+        assert!(store.set_cluster_agent_report(&c.id, &report).unwrap());
+        assert!(!store.set_cluster_agent_report(&c.id, &report).unwrap());
+        assert_eq!(
+            store
+                .cluster_by_id_or_name("prod")
+                .unwrap()
+                .unwrap()
+                .sa_token
+                .as_deref(),
+            Some("jwt")
+        );
+
+        let node = Node {
+            id: tokens::machine_name("n1"),
+            cluster_id: c.id.clone(),
+            hostname: "n1".into(),
+            docker_socket: super::super::DEFAULT_DOCKER_SOCKET.into(),
+            created_at: 1,
+            params: serde_json::json!({"requestedHostname": "n1"}),
+        };
+        store.upsert_node(&node).unwrap();
+        store.upsert_node(&node).unwrap();
+        assert_eq!(store.nodes_named(&node.id).unwrap(), vec![node.clone()]);
+
+        let u = store.create_user("alice", &["dev".into()], false).unwrap();
+        let (tok, bearer) = store.create_api_token(&u.id, "cli").unwrap();
+        assert_eq!(store.authenticate(&bearer).unwrap(), Some(u.clone()));
+        assert_eq!(
+            store.authenticate(&format!("{}:wrong", tok.id)).unwrap(),
+            None
+        );
+        assert_eq!(store.authenticate("garbage").unwrap(), None);
+        store.grant(&u.id, &c.id).unwrap();
+        store.grant(&u.id, &c.id).unwrap();
+        assert!(store.is_granted(&u.id, &c.id).unwrap());
+        assert!(matches!(
+            store.grant(&u.id, "c-none"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.revoke_api_token(&tok.id).unwrap());
+        assert_eq!(store.authenticate(&bearer).unwrap(), None);
+
+        assert!(store.delete_cluster(&c.id).unwrap());
+        assert!(store.nodes(None).unwrap().is_empty());
+        assert!(store.grants().unwrap().is_empty());
+        assert_eq!(
+            store.cluster_for_registration_token(&t.token).unwrap(),
+            None
+        );
+    }
+}
