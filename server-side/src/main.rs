@@ -165,7 +165,11 @@ fn init_tracing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| "info".parse().expect("static filter"));
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with(filter)
         .init();
 }
