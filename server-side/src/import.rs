@@ -90,6 +90,19 @@ pub fn render(params: &ImportParams<'_>) -> String {
     out
 }
 
+/// The import URL of a cluster token.
+pub fn import_url(server_url: &str, token: &str, cluster_id: &str) -> String {
+    format!("{server_url}/v3/import/{token}_{cluster_id}.yaml")
+}
+
+/// The command an operator runs in the cluster to import it.
+pub fn import_command(server_url: &str, token: &str, cluster_id: &str) -> String {
+    format!(
+        "kubectl apply -f {}",
+        import_url(server_url, token, cluster_id)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,17 +143,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// The import URL of a cluster token.
-pub fn import_url(server_url: &str, token: &str, cluster_id: &str) -> String {
-    format!("{server_url}/v3/import/{token}_{cluster_id}.yaml")
-}
-
-/// The command an operator runs in the cluster to import it.
-pub fn import_command(server_url: &str, token: &str, cluster_id: &str) -> String {
-    format!(
-        "kubectl apply -f {}",
-        import_url(server_url, token, cluster_id)
-    )
 }

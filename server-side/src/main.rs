@@ -263,7 +263,7 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Cluster(ClusterCmd::List) => {
-            println!("{:<10} {:<24} {}", "ID", "NAME", "API ENDPOINT");
+            println!("{:<10} {:<24} API ENDPOINT", "ID", "NAME");
             for c in store.clusters()? {
                 println!(
                     "{:<10} {:<24} {}",
@@ -291,7 +291,7 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             println!("API token (shown once): {value}");
         }
         Command::User(UserCmd::List) => {
-            println!("{:<12} {:<24} {:<6} {}", "ID", "NAME", "ADMIN", "GROUPS");
+            println!("{:<12} {:<24} {:<6} GROUPS", "ID", "NAME", "ADMIN");
             for u in store.users()? {
                 println!(
                     "{:<12} {:<24} {:<6} {}",
