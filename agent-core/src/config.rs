@@ -490,6 +490,40 @@ pub fn resolve_credentials(
     })
 }
 
+/// Parses the shared settings and resolves the credentials, reporting every problem of both at
+/// once. When the shared settings are bad, the token's presence is still checked, so a missing
+/// `CATTLE_SERVER` and a missing token show up together.
+pub fn load(
+    strings: &impl Strings,
+    precedence: CredentialsPrecedence,
+) -> Result<(CommonConfig, Credentials), ConfigErrors> {
+    match CommonConfig::from_strings(strings) {
+        Ok(common) => {
+            let creds = resolve_credentials(&common, precedence)?;
+            Ok((common, creds))
+        }
+        Err(mut errs) => {
+            let dir = PathBuf::from(
+                strings
+                    .get_nonempty(ENV_CREDENTIALS_DIR)
+                    .unwrap_or_else(|| DEFAULT_CREDENTIALS_DIR.to_owned()),
+            );
+            let token_path = dir.join("token");
+            let have_file = matches!(read_optional(&token_path, ""), Ok(Some(t)) if !t.is_empty());
+            if !have_file && strings.get_nonempty(ENV_TOKEN).is_none() {
+                errs.push(ConfigError::missing(
+                    ENV_TOKEN,
+                    format!(
+                        "no registration token: neither {} nor {ENV_TOKEN} (--token) is set",
+                        token_path.display()
+                    ),
+                ));
+            }
+            Err(errs)
+        }
+    }
+}
+
 /// Reads a small text file; `Ok(None)` if it does not exist. Trailing whitespace is trimmed.
 pub fn read_optional(path: &Path, what: &str) -> Result<Option<String>, ConfigError> {
     match std::fs::read_to_string(path) {

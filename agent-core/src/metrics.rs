@@ -37,6 +37,7 @@ pub struct TunnelMetrics {
     session: Mutex<SessionCounts>,
     streams_open: AtomicI64,
     streams_total: AtomicU64,
+    reconnects: AtomicU64,
     allowed: [AtomicU64; 4],
     refused: [AtomicU64; 4],
     dial_errors: [AtomicU64; 4],
@@ -66,6 +67,7 @@ impl TunnelMetrics {
             session: Mutex::default(),
             streams_open: AtomicI64::new(0),
             streams_total: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
             allowed: Default::default(),
             refused: Default::default(),
             dial_errors: Default::default(),
@@ -90,7 +92,6 @@ impl TunnelMetrics {
             c.base.attempts += s.attempts;
             c.base.connected += s.connected;
             c.base.failures += s.failures;
-            c.base.reconnects += s.reconnects;
         }
         c.current = Some(stats);
     }
@@ -110,6 +111,11 @@ impl TunnelMetrics {
             s.base_out += stats.data_bytes_out;
         }
         self.up.store(false, Ordering::Relaxed);
+    }
+
+    /// Counts an established session that ended while the agent goes on (it will dial again).
+    pub fn reconnecting(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a Connect the allow-list let through.
@@ -152,7 +158,6 @@ impl TunnelMetrics {
             s.attempts += now.attempts;
             s.connected += now.connected;
             s.failures += now.failures;
-            s.reconnects += now.reconnects;
         }
         s
     }
@@ -256,7 +261,7 @@ impl Metrics {
             "cattle_agent_tunnel_reconnects_total",
             "counter",
             "Established sessions that ended and were dialed again.",
-            per(&|t| t.connector_snapshot().reconnects),
+            per(&|t| t.reconnects.load(Ordering::Relaxed)),
         );
         let mut bytes = Vec::new();
         for t in &tunnels {

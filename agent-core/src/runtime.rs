@@ -294,6 +294,7 @@ async fn tunnel_loop(spec: TunnelSpec, ctx: LoopCtx) {
                     tracing::info!(tunnel = name, %reason, "session ended during shutdown");
                     return SessionEnd::Stop;
                 }
+                ctx.tunnel_metrics.reconnecting();
                 if (spec.url)() != *url {
                     tracing::info!(tunnel = name, %reason, "session ended; the tunnel URL changed");
                     return SessionEnd::Stop;
