@@ -360,12 +360,19 @@ where
     Response::from_parts(parts, body)
 }
 
-/// Joins an upgraded client connection with the upgraded upstream one until either ends.
+/// Joins an upgraded client connection with the upgraded upstream one.
+///
+/// The tunnel has no half-close (remotedialer's Close ends both directions), so a client that
+/// shuts down its write side (the docker CLI does after stdin ends, and at once when no stdin is
+/// attached) must not close the upstream: its output would be cut off. Client EOF therefore
+/// only ends the client-to-upstream copy; the exchange ends when the upstream ends (or either
+/// side fails), and then the client's write side is shut down.
 async fn splice(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     audit: Audit,
 ) {
+    use tokio::io::AsyncWriteExt;
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
@@ -373,15 +380,48 @@ async fn splice(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((to_upstream, to_client)) => {
-            audit.bytes_in.fetch_add(to_upstream, Ordering::Relaxed);
-            audit.bytes_out.fetch_add(to_client, Ordering::Relaxed);
+    let (mut client_rd, mut client_wr) = tokio::io::split(TokioIo::new(client));
+    let (mut upstream_rd, mut upstream_wr) = tokio::io::split(TokioIo::new(upstream));
+    let bytes_in = audit.bytes_in.clone();
+    let bytes_out = audit.bytes_out.clone();
+    let up = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match tokio::io::AsyncReadExt::read(&mut client_rd, &mut buf).await {
+                Ok(0) => {
+                    // Client half-close: keep the upstream open for its output.
+                    let _ = upstream_wr.flush().await;
+                    return std::future::pending::<()>().await;
+                }
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            if upstream_wr.write_all(&buf[..n]).await.is_err() || upstream_wr.flush().await.is_err()
+            {
+                return;
+            }
+            bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         }
-        Err(err) => tracing::debug!(error = %err, "upgraded connection ended with an error"),
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match tokio::io::AsyncReadExt::read(&mut upstream_rd, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if client_wr.write_all(&buf[..n]).await.is_err() || client_wr.flush().await.is_err() {
+                return;
+            }
+            bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        let _ = client_wr.shutdown().await;
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
     }
+    drop(audit);
 }
 
 #[cfg(test)]
