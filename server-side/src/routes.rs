@@ -33,6 +33,7 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
     }
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    tracing::debug!(%method, %path, "request");
 
     if let Some(rest) = path.strip_prefix("/k8s/clusters/") {
         let (id, rest) = split_id(rest);

@@ -103,7 +103,10 @@ impl ServerProc {
                 "3",
             ])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -512,6 +515,7 @@ pub struct Seen {
 /// * `/watch`: 200, chunked; sends `event-1\n`, then waits for [`FakeApiserver::release`]
 ///   before `event-2\n` and the end (so a test can see the first chunk arrive alone);
 /// * upgrade requests: 101, then echoes bytes upper-cased;
+/// * `/version`: a version JSON (`v1.30.0-fake`);
 /// * anything else: 200 JSON `{"path": ...}`.
 pub struct FakeApiserver {
     pub addr: SocketAddr,
@@ -590,8 +594,12 @@ impl FakeApiserver {
                                     .body(ChannelBody(rx).boxed())
                                     .unwrap()
                             } else {
-                                let body = serde_json::json!({ "path": req.uri().to_string() })
-                                    .to_string();
+                                let body = if req.uri().path() == "/version" {
+                                    serde_json::json!({ "major": "1", "minor": "30", "gitVersion": "v1.30.0-fake", "platform": "linux/amd64" })
+                                } else {
+                                    serde_json::json!({ "path": req.uri().to_string() })
+                                }
+                                .to_string();
                                 Response::builder()
                                     .status(200)
                                     .header("content-type", "application/json")
