@@ -317,6 +317,12 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
             .await
             .unwrap();
         assert_eq!(read_response(&mut keepalive).await, (200, "pong".to_owned()));
+        let m = agent.metrics().await;
+        assert_eq!(
+            metric(&m, r#"cattle_agent_streams_open{tunnel="steve"}"#),
+            Some(1),
+            "the keep-alive connection is open"
+        );
         let started = Instant::now();
         agent.sigterm();
         let status = agent.wait_exit(Duration::from_secs(10)).await;
