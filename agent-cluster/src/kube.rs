@@ -86,9 +86,12 @@ impl KubeAccess {
             return from_kubeconfig(Path::new(&path)).map_err(|e| ConfigErrors(vec![e]));
         }
         let mut errs = ConfigErrors::default();
-        let host = strings
-            .get_nonempty(ENV_SERVICE_HOST)
-            .map(|h| h.trim().trim_start_matches('[').trim_end_matches(']').to_owned());
+        let host = strings.get_nonempty(ENV_SERVICE_HOST).map(|h| {
+            h.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
         if host.is_none() {
             errs.push(ConfigError::missing(
                 ENV_SERVICE_HOST,
@@ -189,7 +192,8 @@ pub fn from_kubeconfig(path: &Path) -> Result<KubeAccess, ConfigError> {
     let context = named("contexts", current, "context")
         .ok_or_else(|| bad(format!("context {current:?} not found")))?;
     let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    let cluster_name = field(&context, "cluster").ok_or_else(|| bad("context has no cluster".into()))?;
+    let cluster_name =
+        field(&context, "cluster").ok_or_else(|| bad("context has no cluster".into()))?;
     let user_name = field(&context, "user").unwrap_or_default();
     let cluster = named("clusters", &cluster_name, "cluster")
         .ok_or_else(|| bad(format!("cluster {cluster_name:?} not found")))?;
@@ -207,7 +211,9 @@ pub fn from_kubeconfig(path: &Path) -> Result<KubeAccess, ConfigError> {
         (None, None) => return Err(bad("cluster has no certificate authority".into())),
     };
     if !pem_has_certificate(&ca_pem) {
-        return Err(bad("the certificate authority holds no PEM certificate".into()));
+        return Err(bad(
+            "the certificate authority holds no PEM certificate".into()
+        ));
     }
     let token = match (field(&user, "token"), field(&user, "tokenFile")) {
         (Some(t), _) => t.trim().to_owned(),
@@ -333,14 +339,13 @@ pub async fn apply_stv_secret(
             Ok::<_, ApplyError>((resp.status().as_u16(), resp.into_body(), path, method))
         }
     };
-    let fail = |(status, body, path, method): (u16, Bytes, String, &'static str)| {
-        ApplyError::Status {
+    let fail =
+        |(status, body, path, method): (u16, Bytes, String, &'static str)| ApplyError::Status {
             method,
             path,
             status,
             body: String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned(),
-        }
-    };
+        };
     let put = send("PUT", item.clone()).await?;
     match put.0 {
         200 | 201 => return Ok(()),
@@ -349,7 +354,7 @@ pub async fn apply_stv_secret(
     }
     let post = send("POST", collection).await?;
     match post.0 {
-        200 | 201 | 202 => Ok(()),
+        200..=202 => Ok(()),
         // Created in between by another replica: replace it.
         409 => {
             let put = send("PUT", item).await?;
@@ -414,7 +419,12 @@ mod tests {
         let errs = KubeAccess::from_strings(&bad).unwrap_err();
         let text = errs.to_string();
         assert_eq!(errs.0.len(), 4, "{text}");
-        for needle in [ENV_SERVICE_HOST, ENV_SERVICE_PORT, "/nonexistent/token", "no PEM"] {
+        for needle in [
+            ENV_SERVICE_HOST,
+            ENV_SERVICE_PORT,
+            "/nonexistent/token",
+            "no PEM",
+        ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
     }
@@ -437,7 +447,12 @@ mod tests {
         assert_eq!(k.address(), "[::1]:6443");
         assert_eq!(k.token, "tok");
         std::fs::write(&path, "apiVersion: v1\n").unwrap();
-        assert!(from_kubeconfig(&path).unwrap_err().to_string().contains("not JSON"));
+        assert!(
+            from_kubeconfig(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("not JSON")
+        );
     }
 
     #[test]

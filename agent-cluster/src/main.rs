@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use agent_core::env::{Layered, ProcessEnv};
 use agent_cluster::{Args, ClusterConfig};
+use agent_core::env::{Layered, ProcessEnv};
 use clap::Parser;
 
 fn main() -> ExitCode {

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use agent_core::allow::AllowList;
 use agent_core::config::CommonConfig;
 use agent_core::env::ConfigError;
-use agent_core::runtime::{ConnectorFactory, StreamHandler, TunnelSpec, UrlSource, connector_config};
+use agent_core::runtime::{
+    ConnectorFactory, StreamHandler, TunnelSpec, UrlSource, connector_config,
+};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -114,7 +116,13 @@ mod tests {
     fn routes() {
         assert_eq!(route(&Method::GET, "/ping").status(), StatusCode::OK);
         assert_eq!(route(&Method::GET, "/healthz").status(), StatusCode::OK);
-        assert_eq!(route(&Method::GET, "/v1/schemas").status(), StatusCode::NOT_FOUND);
-        assert_eq!(route(&Method::POST, "/ping").status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            route(&Method::GET, "/v1/schemas").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&Method::POST, "/ping").status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

@@ -68,7 +68,9 @@ impl FakeApi {
                 let reqs = reqs.clone();
                 let exists = exists.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let reqs = reqs.clone();
                         let exists = exists.clone();
@@ -86,13 +88,8 @@ impl FakeApi {
                             let (status, text) = match (method.as_str(), path.as_str()) {
                                 _ if !authed => (401, "Unauthorized"),
                                 ("GET", "/readyz") => (200, "ok"),
-                                ("PUT", p) if p == item => {
-                                    if *exists.lock().unwrap() {
-                                        (200, "{}")
-                                    } else {
-                                        (404, "not found")
-                                    }
-                                }
+                                ("PUT", p) if p == item && *exists.lock().unwrap() => (200, "{}"),
+                                ("PUT", p) if p == item => (404, "not found"),
                                 ("POST", "/api/v1/namespaces/cattle-system/secrets") => {
                                     *exists.lock().unwrap() = true;
                                     (201, "{}")
@@ -141,7 +138,10 @@ fn cluster_env(server: &TestServer, api: &FakeApi, dir: &Path) -> HashMap<String
     std::fs::write(sa.join("token"), format!("{SA_TOKEN}\n")).unwrap();
     std::fs::write(sa.join("ca.crt"), &api.pki.ca_pem).unwrap();
     env.insert("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into());
-    env.insert("KUBERNETES_SERVICE_PORT".into(), api.addr.port().to_string());
+    env.insert(
+        "KUBERNETES_SERVICE_PORT".into(),
+        api.addr.port().to_string(),
+    );
     env.insert("CATTLE_SA_TOKEN_FILE".into(), path_str(&sa.join("token")));
     env.insert("CATTLE_SA_CA_FILE".into(), path_str(&sa.join("ca.crt")));
     env
@@ -180,7 +180,11 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
         // Both tunnels arrive, in either order.
         let a = server.next_tunnel().await;
         let b = server.next_tunnel().await;
-        let (main, steve) = if a.client_key == CLUSTER { (a, b) } else { (b, a) };
+        let (main, steve) = if a.client_key == CLUSTER {
+            (a, b)
+        } else {
+            (b, a)
+        };
         assert_eq!(main.client_key, CLUSTER);
         assert_eq!(steve.client_key, format!("stv-cluster-{CLUSTER}"));
 
@@ -208,7 +212,9 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
         let (status, body) = http_get_on(s, "not-used", "/ping").await.unwrap();
         assert_eq!((status, body.as_str()), (200, "pong"));
         let s = steve.tunnel.open("tcp", "127.0.0.1:6080").unwrap();
-        let (status, body) = http_get_on(s, "127.0.0.1:6080", "/v1/schemas").await.unwrap();
+        let (status, body) = http_get_on(s, "127.0.0.1:6080", "/v1/schemas")
+            .await
+            .unwrap();
         assert_eq!(status, 404, "{body}");
 
         // What Rancher does with the params: TLS to the reported address through the main
@@ -245,7 +251,9 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
 
         // The stv-aggregation Secret: PUT (404), then POST with all seven keys.
         eventually("the Secret to be created", || {
-            api.requests().iter().any(|r| r.method == "POST" && r.status == 201)
+            api.requests()
+                .iter()
+                .any(|r| r.method == "POST" && r.status == 201)
         })
         .await;
         let reqs = api.requests();
@@ -254,7 +262,10 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
         assert_eq!(writes[0].status, 404);
         let post = writes.iter().find(|r| r.method == "POST").unwrap();
         assert_eq!(post.path, "/api/v1/namespaces/cattle-system/secrets");
-        assert_eq!(post.auth.as_deref(), Some(format!("Bearer {SA_TOKEN}").as_str()));
+        assert_eq!(
+            post.auth.as_deref(),
+            Some(format!("Bearer {SA_TOKEN}").as_str())
+        );
         let secret: serde_json::Value = serde_json::from_slice(&post.body).unwrap();
         assert_eq!(secret["metadata"]["name"], "stv-aggregation");
         let data = secret["data"].as_object().unwrap();
@@ -286,18 +297,30 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
         let m = agent.metrics().await;
         println!("{m}");
         assert_eq!(
-            metric(&m, r#"cattle_agent_dials_total{tunnel="main",proto="unix",result="refused"}"#),
+            metric(
+                &m,
+                r#"cattle_agent_dials_total{tunnel="main",proto="unix",result="refused"}"#
+            ),
             Some(1)
         );
         assert_eq!(
-            metric(&m, r#"cattle_agent_dials_total{tunnel="main",proto="tcp",result="allowed"}"#),
+            metric(
+                &m,
+                r#"cattle_agent_dials_total{tunnel="main",proto="tcp",result="allowed"}"#
+            ),
             Some(1)
         );
         assert_eq!(
-            metric(&m, r#"cattle_agent_dials_total{tunnel="steve",proto="tcp",result="allowed"}"#),
+            metric(
+                &m,
+                r#"cattle_agent_dials_total{tunnel="steve",proto="tcp",result="allowed"}"#
+            ),
             Some(2)
         );
-        assert_eq!(metric(&m, r#"cattle_agent_tunnel_up{tunnel="steve"}"#), Some(1));
+        assert_eq!(
+            metric(&m, r#"cattle_agent_tunnel_up{tunnel="steve"}"#),
+            Some(1)
+        );
 
         // The server drops the main tunnel: back on /v3/connect, Secret re-applied (PUT 200).
         main.tunnel.close();
@@ -305,7 +328,9 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
         assert_eq!(again.client_key, CLUSTER);
         assert_eq!(again.path, "/v3/connect");
         eventually("the Secret to be re-applied", || {
-            api.requests().iter().any(|r| r.method == "PUT" && r.status == 200)
+            api.requests()
+                .iter()
+                .any(|r| r.method == "PUT" && r.status == 200)
         })
         .await;
 
@@ -316,7 +341,10 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
             .write_all(b"GET /ping HTTP/1.1\r\nHost: not-used\r\n\r\n")
             .await
             .unwrap();
-        assert_eq!(read_response(&mut keepalive).await, (200, "pong".to_owned()));
+        assert_eq!(
+            read_response(&mut keepalive).await,
+            (200, "pong".to_owned())
+        );
         let m = agent.metrics().await;
         assert_eq!(
             metric(&m, r#"cattle_agent_streams_open{tunnel="steve"}"#),

@@ -68,10 +68,9 @@ impl AllowList {
     pub fn unix_path(&self, address: &str) -> Option<&Path> {
         match self {
             Self::All => None,
-            Self::Rancher { docker_socket } => {
-                (address == DOCKER_SOCKET || Path::new(address) == docker_socket)
-                    .then_some(docker_socket.as_path())
-            }
+            Self::Rancher { docker_socket } => (address == DOCKER_SOCKET
+                || Path::new(address) == docker_socket)
+                .then_some(docker_socket.as_path()),
         }
     }
 }
@@ -112,9 +111,18 @@ mod tests {
     fn rancher_list() {
         let l = AllowList::rancher();
         assert!(l.check(&Target::new("tcp", "10.43.0.1:443")).is_ok());
-        assert!(l.check(&Target::new("unix", "/var/run/docker.sock")).is_ok());
-        assert!(l.check(&Target::new("unix", "/run/containerd.sock")).is_err());
-        assert!(l.check(&Target::new("npipe", "//./pipe/docker_engine")).is_ok());
+        assert!(
+            l.check(&Target::new("unix", "/var/run/docker.sock"))
+                .is_ok()
+        );
+        assert!(
+            l.check(&Target::new("unix", "/run/containerd.sock"))
+                .is_err()
+        );
+        assert!(
+            l.check(&Target::new("npipe", "//./pipe/docker_engine"))
+                .is_ok()
+        );
         assert!(l.check(&Target::new("npipe", "//./pipe/other")).is_err());
         assert!(l.check(&Target::new("udp", "1.1.1.1:53")).is_err());
     }

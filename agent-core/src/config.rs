@@ -293,7 +293,8 @@ impl CommonConfig {
                 None
             }
             Some(raw) => errs.take(
-                ServerUrl::parse(&raw).map_err(|reason| ConfigError::invalid(ENV_SERVER, raw, reason)),
+                ServerUrl::parse(&raw)
+                    .map_err(|reason| ConfigError::invalid(ENV_SERVER, raw, reason)),
             ),
         };
         let token = strings.get_nonempty(ENV_TOKEN);
@@ -302,15 +303,17 @@ impl CommonConfig {
             .map(|raw| raw.trim().to_owned())
             .filter(|s| !s.is_empty())
             .and_then(|sum| {
-                errs.take(if sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    Ok(sum.to_ascii_lowercase())
-                } else {
-                    Err(ConfigError::invalid(
-                        ENV_CA_CHECKSUM,
-                        sum,
-                        "not a SHA-256 checksum (64 hex digits)",
-                    ))
-                })
+                errs.take(
+                    if sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        Ok(sum.to_ascii_lowercase())
+                    } else {
+                        Err(ConfigError::invalid(
+                            ENV_CA_CHECKSUM,
+                            sum,
+                            "not a SHA-256 checksum (64 hex digits)",
+                        ))
+                    },
+                )
             });
         let strict_verify = errs.take(parse_bool(strings, ENV_STRICT_VERIFY, false));
         let agent_connect = errs.take(parse_bool(strings, ENV_AGENT_CONNECT, false));
@@ -332,11 +335,22 @@ impl CommonConfig {
                 ConfigError::invalid(ENV_HEALTH_ADDR, raw, format!("not an ip:port address: {e}"))
             }))
         };
-        let shutdown_grace =
-            errs.take(parse_duration(strings, ENV_SHUTDOWN_GRACE, DEFAULT_SHUTDOWN_GRACE));
+        let shutdown_grace = errs.take(parse_duration(
+            strings,
+            ENV_SHUTDOWN_GRACE,
+            DEFAULT_SHUTDOWN_GRACE,
+        ));
         let defaults = BackoffConfig::default();
-        let backoff_min = errs.take(parse_duration(strings, ENV_BACKOFF_MIN, defaults.min_delay()));
-        let backoff_max = errs.take(parse_duration(strings, ENV_BACKOFF_MAX, defaults.max_delay()));
+        let backoff_min = errs.take(parse_duration(
+            strings,
+            ENV_BACKOFF_MIN,
+            defaults.min_delay(),
+        ));
+        let backoff_max = errs.take(parse_duration(
+            strings,
+            ENV_BACKOFF_MAX,
+            defaults.max_delay(),
+        ));
         if let (Some(min), Some(max)) = (backoff_min, backoff_max)
             && (min.is_zero() || max < min)
         {
@@ -346,15 +360,19 @@ impl CommonConfig {
                 format!("must be at least {ENV_BACKOFF_MIN} ({min:?}), which must be above zero"),
             ));
         }
-        let proxy = errs.take(ProxyConfig::from_env(&EnvSourceAdapter(strings)).map_err(|e| {
-            ConfigError::Other {
+        let proxy = errs.take(
+            ProxyConfig::from_env(&EnvSourceAdapter(strings)).map_err(|e| ConfigError::Other {
                 name: "HTTP_PROXY/HTTPS_PROXY".to_owned(),
                 reason: e.to_string(),
-            }
-        }));
-        let trace = errs.take(parse_bool(strings, ENV_TRACE, false)).unwrap_or(false)
+            }),
+        );
+        let trace = errs
+            .take(parse_bool(strings, ENV_TRACE, false))
+            .unwrap_or(false)
             || parse_bool(strings, "RANCHER_TRACE", false).unwrap_or(false);
-        let debug = errs.take(parse_bool(strings, ENV_DEBUG, false)).unwrap_or(false)
+        let debug = errs
+            .take(parse_bool(strings, ENV_DEBUG, false))
+            .unwrap_or(false)
             || parse_bool(strings, "RANCHER_DEBUG", false).unwrap_or(false);
         let log_level = if trace {
             LogLevel::Trace
@@ -371,7 +389,14 @@ impl CommonConfig {
             backoff.set_min_delay(min).set_max_delay(max);
         }
         // Every `None` above pushed an error, so these are all `Some` here.
-        match (server, strict_verify, agent_connect, health_addr, shutdown_grace, proxy) {
+        match (
+            server,
+            strict_verify,
+            agent_connect,
+            health_addr,
+            shutdown_grace,
+            proxy,
+        ) {
             (
                 Some(server),
                 Some(strict_verify),
@@ -442,7 +467,9 @@ pub fn resolve_credentials(
     let mut errs = ConfigErrors::default();
     let url_path = common.credentials_dir.join("url");
     let token_path = common.credentials_dir.join("token");
-    let file_url = errs.take(read_optional(&url_path, "credentials url file")).flatten();
+    let file_url = errs
+        .take(read_optional(&url_path, "credentials url file"))
+        .flatten();
     let file_token = errs
         .take(read_optional(&token_path, "credentials token file"))
         .flatten();
@@ -551,7 +578,10 @@ mod tests {
     fn server_urls() {
         let u = ServerUrl::parse("https://rancher.example.com/some/prefix").unwrap();
         assert_eq!(u.root(), "https://rancher.example.com");
-        assert_eq!(u.tunnel_url(true), "wss://rancher.example.com/v3/connect/register");
+        assert_eq!(
+            u.tunnel_url(true),
+            "wss://rancher.example.com/v3/connect/register"
+        );
         let u = ServerUrl::parse("http://[fd00::1]:8443").unwrap();
         assert_eq!(u.host, "fd00::1");
         assert_eq!(u.tunnel_url(false), "wss://[fd00::1]:8443/v3/connect");

@@ -188,7 +188,11 @@ impl ConfigError {
     }
 
     /// An unusable file.
-    pub fn file(what: impl Into<String>, path: impl fmt::Display, reason: impl fmt::Display) -> Self {
+    pub fn file(
+        what: impl Into<String>,
+        path: impl fmt::Display,
+        reason: impl fmt::Display,
+    ) -> Self {
         Self::File {
             what: what.into(),
             path: path.to_string(),
@@ -301,7 +305,11 @@ pub fn parse_duration(
 
 fn duration_from_str(s: &str) -> Option<std::time::Duration> {
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-    let (number, unit) = if split == 0 { return None } else { s.split_at(split) };
+    let (number, unit) = if split == 0 {
+        return None;
+    } else {
+        s.split_at(split)
+    };
     let number: f64 = number.parse().ok()?;
     let secs = match unit {
         "ms" => number / 1000.0,
@@ -342,9 +350,15 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration_str("30"), Some(Duration::from_secs(30)));
         assert_eq!(parse_duration_str("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration_str("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_duration_str("250ms"),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(parse_duration_str("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration_str("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_duration_str("1.5s"),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(parse_duration_str("s"), None);
         assert_eq!(parse_duration_str("5 parsecs"), None);
     }
@@ -353,10 +367,23 @@ mod tests {
     fn errors_are_reported_together() {
         let mut errs = ConfigErrors::default();
         errs.push(ConfigError::missing("CATTLE_SERVER", "set --server"));
-        errs.push(ConfigError::invalid("STRICT_VERIFY", "ture", "not a boolean"));
+        errs.push(ConfigError::invalid(
+            "STRICT_VERIFY",
+            "ture",
+            "not a boolean",
+        ));
         let text = errs.to_string();
-        assert!(text.starts_with("invalid configuration (2 problems):"), "{text}");
-        assert!(text.contains("CATTLE_SERVER is not set; set --server"), "{text}");
-        assert!(text.contains("STRICT_VERIFY=\"ture\": not a boolean"), "{text}");
+        assert!(
+            text.starts_with("invalid configuration (2 problems):"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CATTLE_SERVER is not set; set --server"),
+            "{text}"
+        );
+        assert!(
+            text.contains("STRICT_VERIFY=\"ture\": not a boolean"),
+            "{text}"
+        );
     }
 }

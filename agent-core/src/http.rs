@@ -361,7 +361,11 @@ fn split_uri(uri: &Uri) -> Result<(bool, String, u16), HttpError> {
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(HttpError::Url(format!("{uri}: scheme must be http or https"))),
+        _ => {
+            return Err(HttpError::Url(format!(
+                "{uri}: scheme must be http or https"
+            )));
+        }
     };
     let authority = uri
         .authority()
@@ -429,7 +433,9 @@ async fn connect_tunnel(
         .and_then(|s| s.parse::<u16>().ok())
         .ok_or_else(|| fail(format!("not an HTTP answer to CONNECT: {text:?}")))?;
     if status != 200 {
-        return Err(fail(format!("refused CONNECT to {target} with HTTP {status}")));
+        return Err(fail(format!(
+            "refused CONNECT to {target} with HTTP {status}"
+        )));
     }
     Ok(())
 }
@@ -439,12 +445,12 @@ fn tls_error(server: &str, err: io::Error) -> HttpError {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_err {
-        Some(e @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)) => {
-            HttpError::Certificate {
-                server: server.to_owned(),
-                reason: e.to_string(),
-            }
-        }
+        Some(
+            e @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
+        ) => HttpError::Certificate {
+            server: server.to_owned(),
+            reason: e.to_string(),
+        },
         _ => HttpError::Tls {
             server: server.to_owned(),
             source: err,

@@ -266,7 +266,10 @@ impl Metrics {
         let mut bytes = Vec::new();
         for t in &tunnels {
             let (rx, tx) = t.bytes();
-            bytes.push((format!("{{tunnel=\"{}\",direction=\"received\"}}", t.name), rx));
+            bytes.push((
+                format!("{{tunnel=\"{}\",direction=\"received\"}}", t.name),
+                rx,
+            ));
             bytes.push((format!("{{tunnel=\"{}\",direction=\"sent\"}}", t.name), tx));
         }
         family(
@@ -341,7 +344,10 @@ mod tests {
         t.dial_refused("weird");
         let g = t.stream_guard();
         let text = m.render();
-        assert!(text.contains("cattle_agent_tunnel_up{tunnel=\"main\"} 0\n"), "{text}");
+        assert!(
+            text.contains("cattle_agent_tunnel_up{tunnel=\"main\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "cattle_agent_dials_total{tunnel=\"main\",proto=\"tcp\",result=\"allowed\"} 1\n"
         ));
@@ -353,7 +359,10 @@ mod tests {
         ));
         assert!(text.contains("cattle_agent_streams_open{tunnel=\"main\"} 1\n"));
         drop(g);
-        assert!(m.render().contains("cattle_agent_streams_open{tunnel=\"main\"} 0\n"));
+        assert!(
+            m.render()
+                .contains("cattle_agent_streams_open{tunnel=\"main\"} 0\n")
+        );
         assert!(text.contains("# TYPE cattle_agent_draining gauge\ncattle_agent_draining 0\n"));
     }
 }

@@ -99,7 +99,9 @@ pub enum PreflightError {
         url: String,
     },
     /// The served CA does not hash to the checksum.
-    #[error("Configured cacerts checksum ({actual}) does not match given --ca-checksum ({expected})")]
+    #[error(
+        "Configured cacerts checksum ({actual}) does not match given --ca-checksum ({expected})"
+    )]
     Mismatch {
         /// `CATTLE_CA_CHECKSUM`.
         expected: String,
@@ -276,7 +278,9 @@ async fn get_following(client: &HttpClient, url: &str) -> Result<StatusCode, Htt
             _ => return Ok(resp.status()),
         }
     }
-    Err(HttpError::Http(format!("more than {MAX_REDIRECTS} redirects")))
+    Err(HttpError::Http(format!(
+        "more than {MAX_REDIRECTS} redirects"
+    )))
 }
 
 fn resolve(base: &str, location: &str) -> String {
@@ -290,7 +294,10 @@ fn resolve(base: &str, location: &str) -> String {
     if location.starts_with('/') {
         format!("{}{location}", &base[..root_end])
     } else {
-        let dir_end = base.rfind('/').filter(|&i| i >= root_end).unwrap_or(root_end);
+        let dir_end = base
+            .rfind('/')
+            .filter(|&i| i >= root_end)
+            .unwrap_or(root_end);
         format!("{}/{location}", &base[..dir_end])
     }
 }

@@ -421,7 +421,9 @@ fn touch_marker(path: &PathBuf) {
         .open(path)
     {
         Ok(_) => tracing::debug!(path = %path.display(), "marked as connected"),
-        Err(error) => tracing::warn!(path = %path.display(), %error, "cannot write the connected marker"),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot write the connected marker")
+        }
     }
 }
 
@@ -434,16 +436,18 @@ pub const LOCAL_DIAL_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn dial_and_pipe(stream: Stream, allow: &AllowList, metrics: &TunnelMetrics) {
     let target = stream.target().clone();
     let result = match target.proto.as_str() {
-        "tcp" => match tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(&target.address))
-            .await
-        {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                Ok(pipe(stream, tcp).await)
+        "tcp" => {
+            match tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(&target.address))
+                .await
+            {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    Ok(pipe(stream, tcp).await)
+                }
+                Ok(Err(e)) => Err((stream, format!("dial tcp {}: {e}", target.address))),
+                Err(_) => Err((stream, format!("dial tcp {}: i/o timeout", target.address))),
             }
-            Ok(Err(e)) => Err((stream, format!("dial tcp {}: {e}", target.address))),
-            Err(_) => Err((stream, format!("dial tcp {}: i/o timeout", target.address))),
-        },
+        }
         "unix" => {
             let path = allow
                 .unix_path(&target.address)
@@ -456,7 +460,10 @@ pub async fn dial_and_pipe(stream: Stream, allow: &AllowList, metrics: &TunnelMe
         }
         other => Err((
             stream,
-            format!("dial {other} {}: not supported on this platform", target.address),
+            format!(
+                "dial {other} {}: not supported on this platform",
+                target.address
+            ),
         )),
     };
     match result {

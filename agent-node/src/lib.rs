@@ -407,7 +407,13 @@ pub fn node_params(identity: &NodeIdentity, docker_info: Option<Value>) -> Value
     let roles = if identity.roles.is_empty() {
         Value::Null
     } else {
-        json!(identity.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>())
+        json!(
+            identity
+                .roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+        )
     };
     let taints = if identity.taints.is_empty() {
         Value::Null
@@ -453,6 +459,46 @@ pub async fn docker_info(socket: &std::path::Path) -> Option<Value> {
             None
         }
     }
+}
+
+/// Runs the agent until SIGTERM/SIGINT and the drain are over. Errors are start-up failures
+/// (pre-flight, health endpoint); the caller exits non-zero with them.
+pub async fn run(config: NodeConfig) -> Result<(), String> {
+    use agent_core::allow::AllowList;
+    use agent_core::runtime::{Runtime, main_tunnel};
+
+    let common = &config.common;
+    let rt = Runtime::new(common.shutdown_grace);
+    let health = rt
+        .serve_health(common.health_addr)
+        .await
+        .map_err(|e| format!("health endpoint on {}: {e}", common.health_addr))?;
+    tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
+
+    let preflight = agent_core::preflight::run(common, &config.credentials.server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = docker_info(&config.docker_socket).await;
+    let params = node_params(&config.identity, info);
+    let token = &config.credentials.token;
+    let half: String = token.chars().take(token.chars().count() / 2).collect();
+    tracing::info!(
+        url = %config.credentials.server.tunnel_url(common.register()),
+        node = %config.identity.name,
+        "Connecting with token starting with {half}"
+    );
+    let spec = main_tunnel(
+        common,
+        &config.credentials,
+        &params,
+        preflight.trust,
+        AllowList::rancher_with_socket(&config.docker_socket),
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    rt.spawn_tunnel(spec);
+    rt.run_until_signal().await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -505,7 +551,10 @@ mod tests {
             (ENV_NODE_TAINTS, "k=v:NoSchedule"),
         ]);
         let c = NodeConfig::from_strings(&e, &FakeHost).unwrap();
-        let p = node_params(&c.identity, Some(json!({"ServerVersion": "20.10.24", "ID": "x"})));
+        let p = node_params(
+            &c.identity,
+            Some(json!({"ServerVersion": "20.10.24", "ID": "x"})),
+        );
         assert_eq!(
             agent_core::params::go_json(&p),
             r#"{"node":{"controlPlane":false,"customConfig":{"address":"10.0.0.5","internalAddress":"172.16.0.2","label":{"a":"1","b":"2"},"roles":["worker","etcd"],"taints":["k=v:NoSchedule"]},"dockerInfo":{"ID":"x","ServerVersion":"20.10.24"},"etcd":true,"requestedHostname":"n1","worker":true}}"#
@@ -534,44 +583,4 @@ mod tests {
             assert!(errs.names(name), "{name} missing from:\n{errs}");
         }
     }
-}
-
-/// Runs the agent until SIGTERM/SIGINT and the drain are over. Errors are start-up failures
-/// (pre-flight, health endpoint); the caller exits non-zero with them.
-pub async fn run(config: NodeConfig) -> Result<(), String> {
-    use agent_core::allow::AllowList;
-    use agent_core::runtime::{Runtime, main_tunnel};
-
-    let common = &config.common;
-    let rt = Runtime::new(common.shutdown_grace);
-    let health = rt
-        .serve_health(common.health_addr)
-        .await
-        .map_err(|e| format!("health endpoint on {}: {e}", common.health_addr))?;
-    tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
-
-    let preflight = agent_core::preflight::run(common, &config.credentials.server)
-        .await
-        .map_err(|e| e.to_string())?;
-    let info = docker_info(&config.docker_socket).await;
-    let params = node_params(&config.identity, info);
-    let token = &config.credentials.token;
-    tracing::info!(
-        url = %config.credentials.server.tunnel_url(common.register()),
-        node = %config.identity.name,
-        "Connecting with token starting with {}",
-        &token[..token.len() / 2]
-    );
-    let spec = main_tunnel(
-        common,
-        &config.credentials,
-        &params,
-        preflight.trust,
-        AllowList::rancher_with_socket(&config.docker_socket),
-        None,
-    )
-    .map_err(|e| e.to_string())?;
-    rt.spawn_tunnel(spec);
-    rt.run_until_signal().await;
-    Ok(())
 }

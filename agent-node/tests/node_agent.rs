@@ -58,9 +58,15 @@ async fn registers_then_connects_dials_and_refuses() {
         assert_eq!(node["etcd"], true);
         assert_eq!(node["controlPlane"], false);
         assert_eq!(node["customConfig"]["address"], "127.0.0.1");
-        assert_eq!(node["customConfig"]["roles"], serde_json::json!(["worker", "etcd"]));
+        assert_eq!(
+            node["customConfig"]["roles"],
+            serde_json::json!(["worker", "etcd"])
+        );
         assert!(node["customConfig"]["taints"].is_null());
-        assert!(node.get("dockerInfo").is_none(), "Docker is not running here");
+        assert!(
+            node.get("dockerInfo").is_none(),
+            "Docker is not running here"
+        );
 
         // A dial through the tunnel to a local HTTP service.
         let s = first.tunnel.open("tcp", &svc.to_string()).unwrap();
@@ -83,18 +89,39 @@ async fn registers_then_connects_dials_and_refuses() {
         let m = agent.metrics().await;
         println!("{m}");
         let row = |labels: &str| metric(&m, &format!("cattle_agent_dials_total{{{labels}}}"));
-        assert_eq!(row(r#"tunnel="main",proto="tcp",result="allowed""#), Some(2));
-        assert_eq!(row(r#"tunnel="main",proto="unix",result="refused""#), Some(1));
-        assert_eq!(row(r#"tunnel="main",proto="other",result="refused""#), Some(1));
-        assert_eq!(row(r#"tunnel="main",proto="unix",result="allowed""#), Some(1));
         assert_eq!(
-            metric(&m, r#"cattle_agent_dial_errors_total{tunnel="main",proto="unix"}"#),
+            row(r#"tunnel="main",proto="tcp",result="allowed""#),
+            Some(2)
+        );
+        assert_eq!(
+            row(r#"tunnel="main",proto="unix",result="refused""#),
             Some(1)
         );
-        assert_eq!(metric(&m, r#"cattle_agent_tunnel_up{tunnel="main"}"#), Some(1));
+        assert_eq!(
+            row(r#"tunnel="main",proto="other",result="refused""#),
+            Some(1)
+        );
+        assert_eq!(
+            row(r#"tunnel="main",proto="unix",result="allowed""#),
+            Some(1)
+        );
+        assert_eq!(
+            metric(
+                &m,
+                r#"cattle_agent_dial_errors_total{tunnel="main",proto="unix"}"#
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            metric(&m, r#"cattle_agent_tunnel_up{tunnel="main"}"#),
+            Some(1)
+        );
         assert!(
-            metric(&m, r#"cattle_agent_tunnel_bytes_total{tunnel="main",direction="sent"}"#)
-                .unwrap()
+            metric(
+                &m,
+                r#"cattle_agent_tunnel_bytes_total{tunnel="main",direction="sent"}"#
+            )
+            .unwrap()
                 > 0
         );
         assert_eq!(http_get(health, "/readyz").await.0, 200);
@@ -156,14 +183,20 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
         assert_eq!(http_get(health, "/readyz").await.0, 503);
         let m = agent.metrics().await;
         assert_eq!(metric(&m, "cattle_agent_draining "), Some(1));
-        assert_eq!(metric(&m, r#"cattle_agent_streams_open{tunnel="main"}"#), Some(1));
+        assert_eq!(
+            metric(&m, r#"cattle_agent_streams_open{tunnel="main"}"#),
+            Some(1)
+        );
 
         // The stream ends: the agent exits 0 well before the grace period.
         let started = Instant::now();
         drop(open);
         let status = agent.wait_exit(Duration::from_secs(10)).await;
         assert!(status.success(), "exit status {status}");
-        println!("exited {:?} after the last stream closed", started.elapsed());
+        println!(
+            "exited {:?} after the last stream closed",
+            started.elapsed()
+        );
         assert!(started.elapsed() < Duration::from_secs(10));
     })
     .await;
@@ -325,7 +358,10 @@ impl Dockerd {
             .lines()
             .rev()
             .find(|l| l.trim().ends_with("docker.sock"))
-            .map_or_else(|| path_str(&dir.join("docker.sock")), |l| l.trim().to_owned());
+            .map_or_else(
+                || path_str(&dir.join("docker.sock")),
+                |l| l.trim().to_owned(),
+            );
         Self {
             dir: dir.to_owned(),
             socket,
@@ -425,7 +461,11 @@ async fn docker_cli_through_the_tunnel_to_a_real_dockerd() {
             "dockerInfo: ServerVersion={} Driver={}",
             info["ServerVersion"], info["Driver"]
         );
-        assert!(info["ServerVersion"].as_str().is_some_and(|v| !v.is_empty()));
+        assert!(
+            info["ServerVersion"]
+                .as_str()
+                .is_some_and(|v| !v.is_empty())
+        );
 
         // The server side: every TCP connection becomes a stream to the node's Docker socket.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -445,7 +485,15 @@ async fn docker_cli_through_the_tunnel_to_a_real_dockerd() {
         docker(&host, &["ps"], None).await;
         let out = docker(
             &host,
-            &["run", "--rm", "--network", "none", image, "echo", "hello-through-the-tunnel"],
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                image,
+                "echo",
+                "hello-through-the-tunnel",
+            ],
             None,
         )
         .await;
@@ -453,7 +501,17 @@ async fn docker_cli_through_the_tunnel_to_a_real_dockerd() {
         let name = format!("agent-node-test-{}", std::process::id());
         docker(
             &host,
-            &["run", "-d", "--network", "none", "--name", &name, image, "sleep", "300"],
+            &[
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--name",
+                &name,
+                image,
+                "sleep",
+                "300",
+            ],
             None,
         )
         .await;
@@ -463,7 +521,14 @@ async fn docker_cli_through_the_tunnel_to_a_real_dockerd() {
         assert_eq!(out.trim(), "exec-ok");
         let out = docker(
             &host,
-            &["exec", "-i", &name, "sh", "-c", "read line; echo got: $line"],
+            &[
+                "exec",
+                "-i",
+                &name,
+                "sh",
+                "-c",
+                "read line; echo got: $line",
+            ],
             Some("piped through stdin\n"),
         )
         .await;

@@ -141,7 +141,9 @@ impl TestServer {
                             Reject::Unauthorized => 401,
                             Reject::BadRequest(_) => 400,
                         };
-                        rej.lock().unwrap().push((req.uri.path().to_owned(), status));
+                        rej.lock()
+                            .unwrap()
+                            .push((req.uri.path().to_owned(), status));
                     }
                     r
                 }
@@ -224,7 +226,12 @@ fn authorize(req: &AuthRequest) -> Result<ClientKey, Reject> {
     let params = agent_core::params::decode_params(params).map_err(Reject::BadRequest)?;
     if let Some(cluster) = params.get("cluster") {
         for key in ["address", "caCert", "token"] {
-            if cluster.get(key).and_then(|v| v.as_str()).unwrap_or("").is_empty() {
+            if cluster
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .is_empty()
+            {
                 return Err(Reject::BadRequest(format!("invalid input, {key} empty")));
             }
         }
@@ -329,7 +336,10 @@ pub async fn http_get_on<S: AsyncRead + AsyncWrite + Unpin>(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -340,7 +350,9 @@ pub async fn http_get_on<S: AsyncRead + AsyncWrite + Unpin>(
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -498,7 +510,10 @@ pub fn base_env(server: &TestServer, dir: &Path) -> HashMap<String, String> {
     env.insert("CATTLE_SERVER".into(), server.url());
     env.insert("CATTLE_CA_CHECKSUM".into(), server.pki.checksum());
     env.insert("CATTLE_AGENT_STATE_DIR".into(), path_str(&state));
-    env.insert("CATTLE_CREDENTIALS_DIR".into(), path_str(&dir.join("creds")));
+    env.insert(
+        "CATTLE_CREDENTIALS_DIR".into(),
+        path_str(&dir.join("creds")),
+    );
     env.insert("CATTLE_AGENT_HEALTH_ADDR".into(), "127.0.0.1:0".into());
     env.insert("CATTLE_AGENT_BACKOFF_MIN".into(), "200ms".into());
     env.insert("CATTLE_AGENT_BACKOFF_MAX".into(), "1s".into());
