@@ -100,6 +100,14 @@ async fn import_register_connect_and_proxy_the_kubernetes_api() {
         let _agent = connect_agent(&server, "/v3/connect/register", agent_headers(&reg_token, &params), trust.clone(), None)
             .await
             .expect("agent registers");
+        // The main tunnel alone is not "connected" (spec §6.3): that needs /ping over stv.
+        let c = eventually(Duration::from_secs(10), "main tunnel listed", || async {
+            let c = http.api("GET", &format!("/v1/clusters/{cluster_id}"), &admin, None).await.json();
+            (c["tunnel"] == true && !c["checkedAt"].is_null()).then_some(c)
+        })
+        .await;
+        println!("main tunnel only: connected={} {}", c["connected"], c["connectedMessage"]);
+        assert_eq!(c["connected"], false);
         let _stv = connect_stv(&server, &reg_token, trust.clone()).await;
 
         let listed = eventually(Duration::from_secs(10), "cluster connected", || async {
