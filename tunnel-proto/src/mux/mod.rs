@@ -205,9 +205,13 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// How many ids above the peer's highest a client adds to SyncConnections, so that a stream
-/// whose Connect is still in flight is not closed by a Go server (remotedialer#88).
-const SYNC_PADDING: i64 = 16;
+/// How many ids on each side of the peer's highest a client adds to SyncConnections. A Go
+/// server allocates ids 2, 3, 4, ... but writes concurrent Connects out of order, so ids below
+/// the highest seen may still be in flight, as may the next ones; a Go receiver closes every
+/// stream of its own that the list leaves out (remotedialer#88). Extra ids are harmless to it.
+/// 2 x 1024 ids is 16 KiB per sync (once a minute); a stale Go stream further back than the
+/// window is still collected.
+const SYNC_WINDOW: i64 = 1024;
 
 // === impl Session: construction and state ===
 
@@ -590,7 +594,9 @@ impl Session {
 
     fn queue_sync(&mut self) {
         let mut ids = self.open_stream_ids();
-        ids.extend(self.max_remote_id + 1..=self.max_remote_id.saturating_add(SYNC_PADDING));
+        let low = self.max_remote_id.saturating_sub(SYNC_WINDOW).max(1);
+        let high = self.max_remote_id.saturating_add(SYNC_WINDOW);
+        ids.extend(low..=high);
         self.queue_message(0, Body::sync_connections(ids));
     }
 }
