@@ -38,6 +38,8 @@ pub enum Op {
     ListNodes,
     /// `GET /v1/nodes/{id}`
     GetNode,
+    /// `PATCH /v1/nodes/{id}`
+    UpdateNode,
     /// `GET /v1/users`
     ListUsers,
     /// `POST /v1/users`
@@ -135,6 +137,14 @@ pub const ROUTES: &[Route] = &[
         op: Op::GetNode,
         summary: "Get a node by machine name",
         request: None,
+        response: (200, "Node"),
+    },
+    Route {
+        method: "PATCH",
+        pattern: "/v1/nodes/{id}",
+        op: Op::UpdateNode,
+        summary: "Set the Docker socket path dialed through the node's tunnel",
+        request: Some("NodeUpdate"),
         response: (200, "Node"),
     },
     Route {
@@ -378,6 +388,16 @@ struct NewCluster {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NodeUpdate {
+    docker_socket: String,
+}
+
+/// Longest Docker socket path: `unix/<path>` must fit the 100-byte Connect payload that
+/// remotedialer before v0.4.5 reads (wire spec §1.5), with room for the stream id.
+const MAX_SOCKET_PATH: usize = 80;
+
+#[derive(Deserialize)]
 struct NewUser {
     name: String,
     #[serde(default)]
@@ -502,6 +522,28 @@ async fn dispatch(
         Op::GetNode => {
             let mut nodes = store.nodes_named(p(0)).map_err(store_error)?;
             let n = found(nodes.pop(), "node")?;
+            json_response(StatusCode::OK, &node_view(app, &n))
+        }
+        Op::UpdateNode => {
+            let update: NodeUpdate = read_json(body).await?;
+            let path = update.docker_socket;
+            if !path.starts_with('/') || path.len() > MAX_SOCKET_PATH || path.contains('\0') {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "dockerSocket must be an absolute path of at most {MAX_SOCKET_PATH} bytes"
+                    ),
+                ));
+            }
+            let mut nodes = store.nodes_named(p(0)).map_err(store_error)?;
+            let n = found(nodes.pop(), "node")?;
+            store
+                .set_node_docker_socket(&n.cluster_id, &n.id, &path)
+                .map_err(store_error)?;
+            let n = found(
+                store.node(&n.cluster_id, &n.id).map_err(store_error)?,
+                "node",
+            )?;
             json_response(StatusCode::OK, &node_view(app, &n))
         }
         Op::ListUsers => {
@@ -630,6 +672,7 @@ fn schemas() -> Value {
         "ClusterImport": { "type": "object", "properties": { "clusterId": { "type": "string" }, "registrationToken": { "type": "string" }, "importUrl": { "type": "string" }, "importCommand": { "type": "string" }, "caChecksum": { "type": "string" } } },
         "Node": { "type": "object", "properties": { "id": { "type": "string", "example": "m-164546f60261" }, "clusterId": { "type": "string" }, "hostname": { "type": "string" }, "dockerSocket": { "type": "string" }, "createdAt": ts, "connected": { "type": "boolean" }, "params": { "type": "object" } } },
         "NodeList": list("Node"),
+        "NodeUpdate": { "type": "object", "required": ["dockerSocket"], "additionalProperties": false, "properties": { "dockerSocket": { "type": "string", "description": "absolute path, at most 80 bytes; default /var/run/docker.sock" } } },
         "User": { "type": "object", "properties": { "id": { "type": "string" }, "name": { "type": "string" }, "groups": { "type": "array", "items": { "type": "string" } }, "admin": { "type": "boolean" }, "createdAt": ts } },
         "UserList": list("User"),
         "NewUser": { "type": "object", "required": ["name"], "properties": { "name": { "type": "string" }, "groups": { "type": "array", "items": { "type": "string" } }, "admin": { "type": "boolean" } } },

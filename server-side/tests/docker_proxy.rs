@@ -116,6 +116,33 @@ async fn docker_api_of_a_node_through_its_tunnel() {
             StatusCode::BAD_REQUEST
         );
 
+        // The node's socket path is configurable; the agent's allow-list then refuses it.
+        let admin = add_user(dir.path(), "root", &["--admin"]);
+        let r = http
+            .api(
+                "PATCH",
+                &format!("/v1/nodes/{node_id}"),
+                &admin,
+                Some(json!({"dockerSocket": "/run/other.sock"})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.json()["dockerSocket"], "/run/other.sock");
+        let r = http
+            .get(&format!("/docker/nodes/{node_id}/_ping"), Some(&dana))
+            .await;
+        println!("refused by the agent: {} {}", r.status, r.body);
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        let r = http
+            .api(
+                "PATCH",
+                &format!("/v1/nodes/{node_id}"),
+                &admin,
+                Some(json!({"dockerSocket": "/var/run/docker.sock"})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+
         // docker exec -it: POST /exec/{id}/start with Upgrade: tcp, then raw bytes both ways.
         let req = Request::post(format!("/docker/nodes/{node_id}/v1.41/exec/abc/start"))
             .header("host", "x")

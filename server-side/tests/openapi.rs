@@ -22,6 +22,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("get", "/v1/clusters/{id}/import"),
     ("get", "/v1/nodes"),
     ("get", "/v1/nodes/{id}"),
+    ("patch", "/v1/nodes/{id}"),
     ("get", "/v1/users"),
     ("post", "/v1/users"),
     ("get", "/v1/users/{id}"),

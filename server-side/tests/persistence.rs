@@ -148,6 +148,29 @@ async fn records_survive_sigterm_and_kill_9() {
         let after_writes = snapshot(http.clone(), admin.clone()).await;
         server.kill9();
 
+        // A cluster deleted with the CLI while its agent is connected: the running server
+        // closes the agent's tunnel at its next probe round.
+        let server2 = ServerProc::start(dir.path());
+        let (doomed, doomed_token, _) = add_cluster(dir.path(), "doomed");
+        let trust2 = Trust::CaBundle {
+            pem: server2.ca_pem().into_bytes(),
+            with_system_roots: false,
+        };
+        let doomed_agent = connect_agent(
+            &server2,
+            "/v3/connect/register",
+            agent_headers(&doomed_token, &apiserver.cluster_params("x")),
+            trust2,
+            None,
+        )
+        .await
+        .unwrap();
+        cli(dir.path(), &["cluster", "rm", &doomed]);
+        timeout(Duration::from_secs(10), doomed_agent.closed())
+            .await
+            .expect("tunnel of the deleted cluster closed");
+        server2.kill9();
+
         let server = ServerProc::start(dir.path());
         let http = server.client();
         assert_eq!(snapshot(http.clone(), admin.clone()).await, after_writes);

@@ -209,6 +209,8 @@ pub trait Store: Send + Sync + 'static {
     fn nodes(&self, cluster_id: Option<&str>) -> Result<Vec<Node>>;
     /// Creates a node, or updates its hostname and params if it exists.
     fn upsert_node(&self, node: &Node) -> Result<()>;
+    /// Sets the Docker socket path dialed through a node's tunnel; false if there is no node.
+    fn set_node_docker_socket(&self, cluster_id: &str, id: &str, socket: &str) -> Result<bool>;
     /// Deletes a node; false if there was none.
     fn delete_node(&self, cluster_id: &str, id: &str) -> Result<bool>;
 

@@ -423,6 +423,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_node_docker_socket(&self, cluster_id: &str, id: &str, socket: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "UPDATE nodes SET docker_socket = ?3 WHERE cluster_id = ?1 AND id = ?2",
+            [cluster_id, id, socket],
+        )? > 0)
+    }
+
     fn delete_node(&self, cluster_id: &str, id: &str) -> Result<bool> {
         Ok(self.conn().execute(
             "DELETE FROM nodes WHERE cluster_id = ?1 AND id = ?2",
@@ -725,6 +732,17 @@ mod tests {
         store.upsert_node(&node).unwrap();
         store.upsert_node(&node).unwrap();
         assert_eq!(store.nodes_named(&node.id).unwrap(), vec![node.clone()]);
+        assert!(
+            store
+                .set_node_docker_socket(&c.id, &node.id, "/run/docker.sock")
+                .unwrap()
+        );
+        // A re-registration keeps the configured socket.
+        store.upsert_node(&node).unwrap();
+        assert_eq!(
+            store.node(&c.id, &node.id).unwrap().unwrap().docker_socket,
+            "/run/docker.sock"
+        );
 
         let u = store.create_user("alice", &["dev".into()], false).unwrap();
         let (tok, bearer) = store.create_api_token(&u.id, "cli").unwrap();
