@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tunnel_proto::driver::acceptor::{Acceptor, AcceptorConfig, ClientKey, text_response, tls_server_config};
+use tunnel_proto::driver::acceptor::{
+    Acceptor, AcceptorConfig, ClientKey, text_response, tls_server_config,
+};
 use tunnel_proto::driver::connector::{Connector, ConnectorConfig, Trust};
 use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Tunnel, pipe, websocket_config};
 use tunnel_proto::{Role, SessionConfig};
@@ -153,11 +155,16 @@ fn tls() -> Tls {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let cert = params.signed_by(&key, &issuer).unwrap();
     let server = tls_server_config(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap();
-    Tls { ca_pem: ca.pem(), server }
+    Tls {
+        ca_pem: ca.pem(),
+        server,
+    }
 }
 
 /// An agent (client) and server connected through the real connector and acceptor.
@@ -181,7 +188,11 @@ async fn pair(tls: Option<&Tls>) -> Pair {
         move |accepted: tunnel_proto::driver::acceptor::AcceptedTunnel| {
             let tx = tx.clone();
             async move {
-                let (tunnel, driver) = Tunnel::new(accepted.ws, SessionConfig::new(Role::Server), Arc::new(|_| false));
+                let (tunnel, driver) = Tunnel::new(
+                    accepted.ws,
+                    SessionConfig::new(Role::Server),
+                    Arc::new(|_| false),
+                );
                 let _ = tx.send(tunnel).await;
                 driver.await;
             }
@@ -195,10 +206,17 @@ async fn pair(tls: Option<&Tls>) -> Pair {
     let mut cc = ConnectorConfig::new(format!("{scheme}://127.0.0.1:{}/connect", addr.port()));
     cc.set_websocket_config(Some(ws_config));
     if let Some(t) = tls {
-        cc.set_trust(Trust::CaBundle { pem: t.ca_pem.clone().into_bytes(), with_system_roots: false });
+        cc.set_trust(Trust::CaBundle {
+            pem: t.ca_pem.clone().into_bytes(),
+            with_system_roots: false,
+        });
     }
     let ws = Connector::new(cc).unwrap().connect().await.unwrap();
-    let agent = Tunnel::spawn(ws, SessionConfig::new(Role::Client), Arc::new(|t| t.proto == "tcp"));
+    let agent = Tunnel::spawn(
+        ws,
+        SessionConfig::new(Role::Client),
+        Arc::new(|t| t.proto == "tcp"),
+    );
     let server = rx.recv().await.unwrap();
     let agent_loop = agent.clone();
     tokio::spawn(async move {
@@ -211,7 +229,11 @@ async fn pair(tls: Option<&Tls>) -> Pair {
             });
         }
     });
-    Pair { server, agent, _shutdown: shutdown.drop_guard() }
+    Pair {
+        server,
+        agent,
+        _shutdown: shutdown.drop_guard(),
+    }
 }
 
 fn rss_kib() -> u64 {
@@ -227,7 +249,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, size: usize, count: usize) -> (Duration, Duration) {
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    size: usize,
+    count: usize,
+) -> (Duration, Duration) {
     let msg = vec![0x42u8; size];
     let mut back = vec![0u8; size];
     let mut times = Vec::with_capacity(count);
@@ -263,12 +289,20 @@ impl Drop for Rathole {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn rathole(service: SocketAddr) -> Option<Rathole> {
     let binary = std::env::var("RATHOLE").unwrap_or_else(|_| "rathole".into());
-    if std::process::Command::new(&binary).arg("--help").output().is_err() {
+    if std::process::Command::new(&binary)
+        .arg("--help")
+        .output()
+        .is_err()
+    {
         return None;
     }
     let dir = std::env::temp_dir().join(format!("tunnel-bench-rathole-{}", std::process::id()));
@@ -301,8 +335,15 @@ async fn rathole(service: SocketAddr) -> Option<Rathole> {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
             if s.write_u64(1).await.is_ok() && s.write_all(b"x").await.is_ok() {
                 let mut b = [0u8; 1];
-                if tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut b)).await.is_ok_and(|r| r.is_ok()) {
-                    return Some(Rathole { children: vec![server, client], port, _dir: dir });
+                if tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut b))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    return Some(Rathole {
+                        children: vec![server, client],
+                        port,
+                        _dir: dir,
+                    });
                 }
             }
         }
@@ -336,7 +377,10 @@ async fn run() {
     let source_addr = spawn_service(Service::Source).await;
     let echo_addr = spawn_service(Service::Echo).await;
     let tls = tls();
-    println!("tunnel-proto loopback benchmark ({} cores); every figure is one run on a shared machine\n", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "tunnel-proto loopback benchmark ({} cores); every figure is one run on a shared machine\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     // Raw baselines.
     let raw_up = gbit(SINGLE, upload(tcp(sink_addr).await, SINGLE).await);
@@ -352,7 +396,11 @@ async fn run() {
                 let mut s = acceptor.accept(s).await.unwrap();
                 let mut kind = [0u8; 1];
                 s.read_exact(&mut kind).await.unwrap();
-                if kind[0] == b'u' { sink(s).await } else { source(s).await }
+                if kind[0] == b'u' {
+                    sink(s).await
+                } else {
+                    source(s).await
+                }
             });
         }
     });
@@ -361,18 +409,23 @@ async fn run() {
         for cert in rustls_pemfile_certs(&tls.ca_pem) {
             roots.add(cert).unwrap();
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         tokio_rustls::TlsConnector::from(Arc::new(config))
     };
     let tls_stream = |kind: u8| {
         let tls_client = tls_client.clone();
         async move {
             let mut s = tls_client
-                .connect(rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp(tls_addr).await)
+                .connect(
+                    rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                    tcp(tls_addr).await,
+                )
                 .await
                 .unwrap();
             s.write_all(&[kind]).await.unwrap();
@@ -385,26 +438,80 @@ async fn run() {
     // One stream through the tunnel, ws and wss.
     let ws = pair(None).await;
     let wss = pair(Some(&tls)).await;
-    let ws_down = gbit(SINGLE, upload(ws.server.open("tcp", &sink_addr.to_string()).unwrap(), SINGLE).await);
-    let ws_up = gbit(SINGLE, download(ws.server.open("tcp", &source_addr.to_string()).unwrap(), SINGLE).await);
-    let wss_down = gbit(SINGLE, upload(wss.server.open("tcp", &sink_addr.to_string()).unwrap(), SINGLE).await);
-    let wss_up = gbit(SINGLE, download(wss.server.open("tcp", &source_addr.to_string()).unwrap(), SINGLE).await);
+    let ws_down = gbit(
+        SINGLE,
+        upload(
+            ws.server.open("tcp", &sink_addr.to_string()).unwrap(),
+            SINGLE,
+        )
+        .await,
+    );
+    let ws_up = gbit(
+        SINGLE,
+        download(
+            ws.server.open("tcp", &source_addr.to_string()).unwrap(),
+            SINGLE,
+        )
+        .await,
+    );
+    let wss_down = gbit(
+        SINGLE,
+        upload(
+            wss.server.open("tcp", &sink_addr.to_string()).unwrap(),
+            SINGLE,
+        )
+        .await,
+    );
+    let wss_up = gbit(
+        SINGLE,
+        download(
+            wss.server.open("tcp", &source_addr.to_string()).unwrap(),
+            SINGLE,
+        )
+        .await,
+    );
 
-    println!("single stream, {} MiB each                     Gbit/s   vs raw", SINGLE >> 20);
+    println!(
+        "single stream, {} MiB each                     Gbit/s   vs raw",
+        SINGLE >> 20
+    );
     println!("  raw TCP      write / read                {raw_up:6.2} / {raw_down:5.2}");
     println!("  raw TLS      write / read                {tls_up:6.2} / {tls_down:5.2}");
-    println!("  ws  server->agent / agent->server        {ws_down:6.2} / {ws_up:5.2}   {:.0}% / {:.0}% of raw TCP", 100.0 * ws_down / raw_up, 100.0 * ws_up / raw_down);
-    println!("  wss server->agent / agent->server        {wss_down:6.2} / {wss_up:5.2}   {:.0}% / {:.0}% of raw TCP ({:.0}% / {:.0}% of raw TLS)", 100.0 * wss_down / raw_up, 100.0 * wss_up / raw_down, 100.0 * wss_down / tls_up, 100.0 * wss_up / tls_down);
+    println!(
+        "  ws  server->agent / agent->server        {ws_down:6.2} / {ws_up:5.2}   {:.0}% / {:.0}% of raw TCP",
+        100.0 * ws_down / raw_up,
+        100.0 * ws_up / raw_down
+    );
+    println!(
+        "  wss server->agent / agent->server        {wss_down:6.2} / {wss_up:5.2}   {:.0}% / {:.0}% of raw TCP ({:.0}% / {:.0}% of raw TLS)",
+        100.0 * wss_down / raw_up,
+        100.0 * wss_up / raw_down,
+        100.0 * wss_down / tls_up,
+        100.0 * wss_up / tls_down
+    );
 
     // The forwarded path beside rathole.
     let fwd = forwarder(ws.server.clone(), sink_addr).await;
     let fwd_rate = gbit(SINGLE, upload(tcp(fwd).await, SINGLE).await);
     match rathole(sink_addr).await {
         Some(r) => {
-            let rh = gbit(SINGLE, upload(tcp(SocketAddr::from(([127, 0, 0, 1], r.port))).await, SINGLE).await);
-            println!("  forwarded TCP -> ws tunnel -> service    {fwd_rate:6.2}           rathole on the same path {rh:.2} ({:.0}% of raw); ours / rathole = {:.2}", 100.0 * rh / raw_up, fwd_rate / rh);
+            let rh = gbit(
+                SINGLE,
+                upload(
+                    tcp(SocketAddr::from(([127, 0, 0, 1], r.port))).await,
+                    SINGLE,
+                )
+                .await,
+            );
+            println!(
+                "  forwarded TCP -> ws tunnel -> service    {fwd_rate:6.2}           rathole on the same path {rh:.2} ({:.0}% of raw); ours / rathole = {:.2}",
+                100.0 * rh / raw_up,
+                fwd_rate / rh
+            );
         }
-        None => println!("  forwarded TCP -> ws tunnel -> service    {fwd_rate:6.2}           rathole: not on PATH (cargo install rathole), not measured"),
+        None => println!(
+            "  forwarded TCP -> ws tunnel -> service    {fwd_rate:6.2}           rathole: not on PATH (cargo install rathole), not measured"
+        ),
     }
 
     // Parallel streams.
@@ -418,17 +525,28 @@ async fn run() {
         }
         while tasks.join_next().await.is_some() {}
         let rate = gbit(each * n, start.elapsed().as_secs_f64());
-        println!("  {n:2} parallel streams (ws, server->agent)  {rate:6.2}           {:.0}% of one stream", 100.0 * rate / ws_down);
+        println!(
+            "  {n:2} parallel streams (ws, server->agent)  {rate:6.2}           {:.0}% of one stream",
+            100.0 * rate / ws_down
+        );
     }
 
     // Latency, idle and beside a saturating stream.
     println!("\nround trips through the ws tunnel (echo service)          p50        p99");
     let mut probe = ws.server.open("tcp", &echo_addr.to_string()).unwrap();
     let (p50, p99) = round_trips(&mut probe, 64, 5000).await;
-    println!("  64 B, idle tunnel                                  {:>10} {:>10}", us(p50), us(p99));
+    println!(
+        "  64 B, idle tunnel                                  {:>10} {:>10}",
+        us(p50),
+        us(p99)
+    );
     let mut raw_probe = tcp(echo_addr).await;
     let (r50, r99) = round_trips(&mut raw_probe, 64, 5000).await;
-    println!("  64 B, raw TCP to the same echo service             {:>10} {:>10}", us(r50), us(r99));
+    println!(
+        "  64 B, raw TCP to the same echo service             {:>10} {:>10}",
+        us(r50),
+        us(r99)
+    );
     // Control: the same load on another tunnel, so only the CPU is shared, not the tunnel.
     let other = pair(None).await;
     let bulk = other.server.open("tcp", &source_addr.to_string()).unwrap();
@@ -437,7 +555,11 @@ async fn run() {
     let (o50, o99) = round_trips(&mut probe, 64, 3000).await;
     bulk_task.abort();
     drop(other);
-    println!("  64 B, while a bulk stream saturates another tunnel {:>10} {:>10}   (CPU shared, tunnel not)", us(o50), us(o99));
+    println!(
+        "  64 B, while a bulk stream saturates another tunnel {:>10} {:>10}   (CPU shared, tunnel not)",
+        us(o50),
+        us(o99)
+    );
     let bulk = ws.server.open("tcp", &source_addr.to_string()).unwrap();
     let bulk_task = tokio::spawn(download(bulk, 64 * GIB));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -445,10 +567,21 @@ async fn run() {
     let start = Instant::now();
     let (s50, s99) = round_trips(&mut probe, 64, 3000).await;
     let (k50, k99) = round_trips(&mut probe, 1024, 3000).await;
-    let bulk_rate = gbit(ws.server.stats().data_bytes_in - before, start.elapsed().as_secs_f64());
+    let bulk_rate = gbit(
+        ws.server.stats().data_bytes_in - before,
+        start.elapsed().as_secs_f64(),
+    );
     bulk_task.abort();
-    println!("  64 B, while a bulk stream saturates the tunnel     {:>10} {:>10}", us(s50), us(s99));
-    println!("  1 KB, while a bulk stream saturates the tunnel     {:>10} {:>10}   (bulk ran at {bulk_rate:.2} Gbit/s meanwhile)", us(k50), us(k99));
+    println!(
+        "  64 B, while a bulk stream saturates the tunnel     {:>10} {:>10}",
+        us(s50),
+        us(s99)
+    );
+    println!(
+        "  1 KB, while a bulk stream saturates the tunnel     {:>10} {:>10}   (bulk ran at {bulk_rate:.2} Gbit/s meanwhile)",
+        us(k50),
+        us(k99)
+    );
     drop(probe);
 
     // Memory.
@@ -473,7 +606,10 @@ async fn run() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_tunnel = (rss_kib().saturating_sub(base)) as f64 / TUNNELS as f64;
-    println!("  idle tunnel (agent + server ends, connector + acceptor, ws)  {per_tunnel:6.1} KiB  ({} tunnels)", TUNNELS);
+    println!(
+        "  idle tunnel (agent + server ends, connector + acceptor, ws)  {per_tunnel:6.1} KiB  ({} tunnels)",
+        TUNNELS
+    );
     const STREAMS: usize = 5000;
     let one = pairs.pop().unwrap();
     let base = rss_kib();
@@ -499,5 +635,7 @@ async fn run() {
 
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
 }

@@ -39,7 +39,10 @@ async fn hello_service() -> SocketAddr {
                 let mut buf = [0u8; 4096];
                 let _ = socket.read(&mut buf).await;
                 let body = "hello through the reverse tunnel\n";
-                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = socket.write_all(reply.as_bytes()).await;
             });
         }
@@ -74,7 +77,13 @@ async fn main() {
         move |accepted| {
             let reg = reg.clone();
             async move {
-                let _ = serve_acceptor_tunnel(&reg, accepted, SessionConfig::new(Role::Server), Arc::new(|_| false)).await;
+                let _ = serve_acceptor_tunnel(
+                    &reg,
+                    accepted,
+                    SessionConfig::new(Role::Server),
+                    Arc::new(|_| false),
+                )
+                .await;
             }
         },
         |_req| async { text_response(http::StatusCode::OK, "pong") },
@@ -88,7 +97,9 @@ async fn main() {
         while let Ok(event) = events.recv().await {
             match event {
                 RegistryEvent::Added { key, .. } => println!("agent connected (client key {key})"),
-                RegistryEvent::Removed { key, reason, .. } => println!("agent {key} left: {reason}"),
+                RegistryEvent::Removed { key, reason, .. } => {
+                    println!("agent {key} left: {reason}")
+                }
                 _ => {}
             }
         }
@@ -104,19 +115,26 @@ async fn main() {
     let token = shutdown.clone();
     tokio::spawn(async move {
         run_forever(&connector, token, |ws| async move {
-            let agent = Tunnel::spawn(ws, SessionConfig::new(Role::Client), Arc::new(|t| t.proto == "tcp"));
+            let agent = Tunnel::spawn(
+                ws,
+                SessionConfig::new(Role::Client),
+                Arc::new(|t| t.proto == "tcp"),
+            );
             let accepting = agent.clone();
             tokio::spawn(async move {
                 while let Some(stream) = accepting.accept().await {
                     tokio::spawn(async move {
                         match TcpStream::connect(&stream.target().address).await {
                             Ok(socket) => drop(pipe(stream, socket).await),
-                            Err(err) => stream.reset(&format!("dial tcp {}: {err}", stream.target().address)),
+                            Err(err) => stream
+                                .reset(&format!("dial tcp {}: {err}", stream.target().address)),
                         }
                     });
                 }
             });
-            SessionEnd::Reconnect { reason: agent.closed().await.to_string() }
+            SessionEnd::Reconnect {
+                reason: agent.closed().await.to_string(),
+            }
         })
         .await;
     });
