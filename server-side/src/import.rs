@@ -1,13 +1,15 @@
 //! The import manifest (`GET /v3/import/<token>_<cluster-id>.yaml`, spec cattle-agent §7),
-//! rendered from `templates/import.yaml` (and `templates/node-agent.yaml` on request).
+//! rendered from `deploy/templates/import.yaml` (and `deploy/templates/node-agent.yaml` on
+//! request). `deploy/` holds the one copy of these templates; `tests/deploy_manifests.rs`
+//! checks that what the server serves is them, object by object.
 //!
 //! Placeholders are `{{NAME}}`; every value is inserted as a JSON string, which YAML reads as a
 //! double-quoted scalar, so no value can break out of its field.
 
 /// The cluster-agent objects.
-pub const IMPORT_TEMPLATE: &str = include_str!("../templates/import.yaml");
+pub const IMPORT_TEMPLATE: &str = include_str!("../../deploy/templates/import.yaml");
 /// The optional node-agent DaemonSet.
-pub const NODE_AGENT_TEMPLATE: &str = include_str!("../templates/node-agent.yaml");
+pub const NODE_AGENT_TEMPLATE: &str = include_str!("../../deploy/templates/node-agent.yaml");
 
 /// What a manifest is rendered from.
 #[derive(Debug, Clone)]
