@@ -229,6 +229,55 @@ async fn sigterm_grace_period_runs_out_and_still_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_token_is_retried_and_sigterm_while_backing_off_exits_at_once() {
+    bounded(60, async {
+        let server = TestServer::start(ServerOptions::default()).await;
+        let dir = temp_dir();
+        let mut env = node_env(&server, dir.path());
+        env.insert("CATTLE_TOKEN".into(), "stale-token".into());
+        let mut agent = AgentProcess::spawn(BIN, &env, &[]);
+        let rejected = server.rejected.clone();
+        eventually("three rejected attempts", || {
+            rejected.lock().unwrap().len() >= 3
+        })
+        .await;
+        assert!(
+            rejected
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(path, status)| path == "/v3/connect/register" && *status == 400)
+        );
+        agent.wait_log("HTTP 400: cluster not found").await;
+        let health = agent.health_addr().await;
+        assert_eq!(http_get(health, "/readyz").await.0, 503);
+        let m = agent.metrics().await;
+        assert!(
+            metric(
+                &m,
+                r#"cattle_agent_tunnel_connect_failures_total{tunnel="main"}"#
+            )
+            .unwrap()
+                >= 3,
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, r#"cattle_agent_tunnel_up{tunnel="main"}"#),
+            Some(0)
+        );
+        let started = Instant::now();
+        agent.sigterm();
+        let status = agent.wait_exit(Duration::from_secs(5)).await;
+        assert!(status.success(), "exit status {status}");
+        println!(
+            "exited {:?} after SIGTERM while backing off",
+            started.elapsed()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_checksum_mismatch_is_fatal() {
     bounded(30, async {
         let other = Pki::new("some-other-ca");
