@@ -190,6 +190,29 @@ async fn import_register_connect_and_proxy_the_kubernetes_api() {
         assert_eq!(&buf, b"HELLO EXEC");
         assert_eq!(apiserver.last().headers["impersonate-user"], "alice");
 
+        // A websocket upgrade (kubectl >= 1.30 exec) too; its handshake headers pass through.
+        let req = Request::get(format!("/k8s/clusters/{cluster_id}/api/v1/namespaces/default/pods/p/exec?command=sh"))
+            .header("host", "x")
+            .header("authorization", format!("Bearer {alice}"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-protocol", "v5.channel.k8s.io")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let mut resp = http.send_streaming(req).await;
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let seen = apiserver.last();
+        assert_eq!(seen.headers["sec-websocket-protocol"], "v5.channel.k8s.io");
+        assert_eq!(seen.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(seen.headers["upgrade"], "websocket");
+        let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+        io.write_all(b"ws bytes").await.unwrap();
+        let mut buf = [0u8; 8];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"WS BYTES");
+
         // Metrics and audit lines.
         let metrics = http.get("/metrics", None).await.body;
         assert!(metrics.contains(&format!("tunnel_server_proxied_requests_total{{kind=\"k8s\",target=\"{cluster_id}\",status=\"200\"}}")), "{metrics}");
