@@ -98,6 +98,7 @@ pub struct Runtime {
     stop: CancellationToken,
     loops: Mutex<Vec<LoopHandle>>,
     grace: Duration,
+    signals: tokio::sync::Mutex<Option<crate::signal::Signals>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -109,9 +110,14 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// A runtime whose open streams get `grace` after SIGTERM.
+    /// A runtime whose open streams get `grace` after SIGTERM. Installs the SIGTERM/SIGINT
+    /// handlers, so it must be called inside a tokio runtime.
     pub fn new(grace: Duration) -> Self {
+        let signals = crate::signal::Signals::install()
+            .map_err(|error| tracing::error!(%error, "cannot install signal handlers"))
+            .ok();
         Self {
+            signals: tokio::sync::Mutex::new(signals),
             metrics: Arc::new(Metrics::default()),
             streams: TaskTracker::new(),
             drain: CancellationToken::new(),
@@ -164,11 +170,31 @@ impl Runtime {
             });
     }
 
-    /// Waits for SIGTERM or SIGINT, then shuts down: see [`Runtime::shutdown`].
+    /// The next SIGTERM or SIGINT (never, if the handlers could not be installed).
+    pub async fn signal(&self) -> &'static str {
+        match self.signals.lock().await.as_mut() {
+            Some(signals) => signals.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Runs `fut` (a start-up step) unless SIGTERM/SIGINT comes first; then `None`.
+    pub async fn unless_signalled<F: Future>(&self, fut: F) -> Option<F::Output> {
+        tokio::select! {
+            out = fut => Some(out),
+            signal = self.signal() => {
+                tracing::info!(signal, "signal during start-up; exiting");
+                None
+            }
+        }
+    }
+
+    /// Waits for SIGTERM or SIGINT, then shuts down: see [`Runtime::shutdown`]. A second
+    /// signal cuts the grace period short.
     pub async fn run_until_signal(&self) {
-        let signal = crate::signal::wait().await;
+        let signal = self.signal().await;
         tracing::info!(signal, "shutdown requested");
-        self.shutdown(crate::signal::wait()).await;
+        self.shutdown(self.signal()).await;
     }
 
     /// Drains and stops: new Connects are refused, open streams get the grace period (or until

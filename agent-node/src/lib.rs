@@ -475,9 +475,13 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
         .map_err(|e| format!("health endpoint on {}: {e}", common.health_addr))?;
     tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
 
-    let preflight = agent_core::preflight::run(common, &config.credentials.server)
+    let Some(preflight) = rt
+        .unless_signalled(agent_core::preflight::run(common, &config.credentials.server))
         .await
-        .map_err(|e| e.to_string())?;
+    else {
+        return Ok(());
+    };
+    let preflight = preflight.map_err(|e| e.to_string())?;
     let info = docker_info(&config.docker_socket).await;
     let params = node_params(&config.identity, info);
     let token = &config.credentials.token;

@@ -278,6 +278,51 @@ async fn rejected_token_is_retried_and_sigterm_while_backing_off_exits_at_once()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_preflight_exits_zero() {
+    bounded(30, async {
+        // A server that accepts and then says nothing: the pre-flight GET hangs (for 5 s).
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = held.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = silent.accept().await {
+                keep.lock().unwrap().push(tcp);
+            }
+        });
+        let dir = temp_dir();
+        let mut env = HashMap::new();
+        env.insert("CATTLE_SERVER".to_owned(), format!("https://{addr}"));
+        env.insert("CATTLE_TOKEN".to_owned(), TOKEN.to_owned());
+        env.insert("CATTLE_NODE_NAME".to_owned(), "n".to_owned());
+        env.insert("CATTLE_ADDRESS".to_owned(), "127.0.0.1".to_owned());
+        env.insert(
+            "CATTLE_AGENT_HEALTH_ADDR".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        );
+        env.insert(
+            "CATTLE_AGENT_STATE_DIR".to_owned(),
+            path_str(&dir.path().join("state")),
+        );
+        env.insert(
+            "CATTLE_CREDENTIALS_DIR".to_owned(),
+            path_str(&dir.path().join("creds")),
+        );
+        let mut agent = AgentProcess::spawn(BIN, &env, &[]);
+        agent.health_addr().await;
+        eventually("the pre-flight connection", || {
+            !held.lock().unwrap().is_empty()
+        })
+        .await;
+        agent.sigterm();
+        let status = agent.wait_exit(Duration::from_secs(3)).await;
+        assert!(status.success(), "exit status {status}");
+        agent.wait_log("signal during start-up").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_checksum_mismatch_is_fatal() {
     bounded(30, async {
         let other = Pki::new("some-other-ca");
