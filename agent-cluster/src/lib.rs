@@ -175,7 +175,10 @@ pub async fn run(config: ClusterConfig) -> Result<(), String> {
     tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
 
     let Some(preflight) = rt
-        .unless_signalled(agent_core::preflight::run(common, &config.credentials.server))
+        .unless_signalled(agent_core::preflight::run(
+            common,
+            &config.credentials.server,
+        ))
         .await
     else {
         return Ok(());
