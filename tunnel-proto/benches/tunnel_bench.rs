@@ -326,25 +326,31 @@ async fn rathole(service: SocketAddr) -> Option<Rathole> {
             .spawn()
             .unwrap()
     };
-    let server = spawn(["--server", dir.join("server.toml").to_str().unwrap()]);
+    let mut guard = Rathole {
+        children: vec![spawn([
+            "--server",
+            dir.join("server.toml").to_str().unwrap(),
+        ])],
+        port,
+        _dir: dir.clone(),
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let client = spawn(["--client", dir.join("client.toml").to_str().unwrap()]);
-    // Wait (bounded) until the service port answers through the tunnel.
+    guard.children.push(spawn([
+        "--client",
+        dir.join("client.toml").to_str().unwrap(),
+    ]));
+    // Wait (bounded) until the service port answers through the tunnel; the guard kills and
+    // reaps both processes if it never does.
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
-            if s.write_u64(1).await.is_ok() && s.write_all(b"x").await.is_ok() {
-                let mut b = [0u8; 1];
-                if tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut b))
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-                {
-                    return Some(Rathole {
-                        children: vec![server, client],
-                        port,
-                        _dir: dir,
-                    });
-                }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await
+            && s.write_u64(1).await.is_ok()
+            && s.write_all(b"x").await.is_ok()
+        {
+            let mut b = [0u8; 1];
+            let answered = tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut b)).await;
+            if answered.is_ok_and(|r| r.is_ok()) {
+                return Some(guard);
             }
         }
     }
