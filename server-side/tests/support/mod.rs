@@ -82,6 +82,7 @@ impl ServerProc {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(data_dir).unwrap();
         let stderr_log = data_dir.join(format!(
             "server-{}.log",
             std::time::SystemTime::now()
