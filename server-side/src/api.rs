@@ -643,6 +643,8 @@ async fn dispatch(
 
 /// Closes every tunnel of a deleted cluster (main, aggregation, nodes).
 fn close_cluster_tunnels(app: &SharedApp, cluster_id: &str) {
+    app.upstreams.forget(&format!("k8s/{cluster_id}/"));
+    app.upstreams.forget(&format!("docker/{cluster_id}:"));
     let node_prefix = format!("{cluster_id}:");
     for key in app.registry.list_clients() {
         let k = key.as_str();

@@ -49,6 +49,8 @@ pub struct App {
     pub config: AppConfig,
     /// Counters.
     pub metrics: Metrics,
+    /// Idle upstream connections of the proxies.
+    pub upstreams: crate::proxy::pool::Pool,
     connectivity: Mutex<HashMap<String, Connectivity>>,
 }
 
@@ -74,6 +76,7 @@ impl App {
             registry,
             config,
             metrics: Metrics::default(),
+            upstreams: crate::proxy::pool::Pool::default(),
             connectivity: Mutex::new(HashMap::new()),
         }
     }

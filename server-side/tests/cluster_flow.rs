@@ -145,6 +145,17 @@ async fn import_register_connect_and_proxy_the_kubernetes_api() {
         let groups: Vec<_> = seen.headers.get_all("impersonate-group").iter().collect();
         assert_eq!(groups, ["devs", "ops"]);
 
+        // Sequential requests reuse one pooled upstream connection (no new dial or TLS
+        // handshake through the tunnel).
+        let before = apiserver.accepted.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..5 {
+            let r = http.get(&format!("/k8s/clusters/{cluster_id}/api/v1/pods?i={i}"), Some(&alice)).await;
+            assert_eq!(r.json()["path"], format!("/api/v1/pods?i={i}"));
+        }
+        let opened = apiserver.accepted.load(std::sync::atomic::Ordering::Relaxed) - before;
+        println!("5 sequential requests opened {opened} upstream connection(s)");
+        assert!(opened <= 1, "{opened} upstream connections for 5 sequential requests");
+
         // Not granted: 403; bad token: 401; unknown cluster: 404; path tricks: 400.
         let r = http.get(&format!("/k8s/clusters/{cluster_id}/api"), Some(&bob)).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
@@ -217,6 +228,10 @@ async fn import_register_connect_and_proxy_the_kubernetes_api() {
         let metrics = http.get("/metrics", None).await.body;
         assert!(metrics.contains(&format!("tunnel_server_proxied_requests_total{{kind=\"k8s\",target=\"{cluster_id}\",status=\"200\"}}")), "{metrics}");
         assert!(metrics.contains("tunnel_server_dials_total{result=\"ok\"}"), "{metrics}");
+        assert!(
+            metrics.contains("tunnel_server_dials_total{result=\"pooled\"}"),
+            "{metrics}"
+        );
         let log = server.log();
         assert!(log.contains("proxied request") && log.contains("user=alice"), "no audit line in:\n{log}");
 

@@ -61,7 +61,7 @@ async fn docker_api_of_a_node_through_its_tunnel() {
         .await;
         println!("no tunnel: {} {}", r.status, r.body);
 
-        let _agent = connect_agent(
+        let agent = connect_agent(
             &server,
             "/v3/connect",
             agent_headers(&token, &params),
@@ -163,6 +163,35 @@ async fn docker_api_of_a_node_through_its_tunnel() {
         let mut buf = [0u8; 6];
         io.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"LS -L\n");
+
+        // The agent reconnects on a new session: pooled connections of the old one are not
+        // reused, the first request after the reconnect goes through the new tunnel.
+        agent.close();
+        let _agent = connect_agent(
+            &server,
+            "/v3/connect",
+            agent_headers(&token, &params),
+            Trust::CaBundle {
+                pem: server.ca_pem().into_bytes(),
+                with_system_roots: false,
+            },
+            Some(dockerd.socket.clone()),
+        )
+        .await
+        .unwrap();
+        let r = eventually(
+            Duration::from_secs(5),
+            "ping after the reconnect",
+            || async {
+                let r = http
+                    .get(&format!("/docker/nodes/{node_id}/_ping"), Some(&dana))
+                    .await;
+                println!("after reconnect: {} {}", r.status, r.body);
+                (r.status == StatusCode::OK).then_some(r)
+            },
+        )
+        .await;
+        assert_eq!(r.body, "OK");
     })
     .await
     .expect("test exceeded its bound");

@@ -187,7 +187,10 @@ async fn records_survive_sigterm_and_kill_9() {
         // agent report is used, and a cluster whose agent is gone answers 503 at once.
         let started = tokio::time::Instant::now();
         let r = http
-            .get(&format!("/k8s/clusters/{cluster_id}/version"), Some(&carol))
+            .get(
+                &format!("/k8s/clusters/{cluster_id}/api/v1/nodes"),
+                Some(&carol),
+            )
             .await;
         println!(
             "agent gone: {} {:?} in {:?}",
@@ -216,13 +219,16 @@ async fn records_survive_sigterm_and_kill_9() {
             "proxy through the new tunnel",
             || async {
                 let r = http
-                    .get(&format!("/k8s/clusters/{cluster_id}/version"), Some(&carol))
+                    .get(
+                        &format!("/k8s/clusters/{cluster_id}/api/v1/nodes"),
+                        Some(&carol),
+                    )
                     .await;
                 (r.status == StatusCode::OK).then_some(r)
             },
         )
         .await;
-        assert_eq!(r.json()["path"], "/version");
+        assert_eq!(r.json()["path"], "/api/v1/nodes");
         assert_eq!(apiserver.last().headers["authorization"], "Bearer jwt-1");
     })
     .await

@@ -12,7 +12,8 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 
-use super::{Audit, ProxyError, Rewrite, dial_label, forward};
+use super::pool::current_session;
+use super::{Audit, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
 use crate::http_util::{authenticate, internal, text};
 
@@ -68,18 +69,6 @@ pub async fn handle(
         }
         Err(err) => return audit.respond(internal(&err)),
     }
-    let key = ClientKey::new(node.client_key());
-    let stream = match app.registry.open(&key, "unix", &node.docker_socket) {
-        Ok(s) => {
-            app.metrics.dial("ok");
-            s
-        }
-        Err(err) => {
-            app.metrics.dial(dial_label(&err));
-            let who = format!("node agent of {node_id}");
-            return audit.respond(ProxyError::from_dial(err, &who).into_response());
-        }
-    };
     let rest = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{rest}?{q}"),
@@ -90,5 +79,24 @@ pub async fn handle(
         host: "docker".to_owned(),
         set_headers: Vec::new(),
     };
-    forward(stream, req, rewrite, audit).await
+    let key = ClientKey::new(node.client_key());
+    let upstream = Upstream {
+        target: format!("docker/{}/{}", node.client_key(), node.docker_socket),
+        client_key: key.clone(),
+        connect: || async {
+            let session = current_session(&app.registry, &key);
+            match app.registry.open(&key, "unix", &node.docker_socket) {
+                Ok(stream) => {
+                    app.metrics.dial("ok");
+                    Ok((handshake(stream).await?, session))
+                }
+                Err(err) => {
+                    app.metrics.dial(dial_label(&err));
+                    let who = format!("node agent of {node_id}");
+                    Err(ProxyError::from_dial(err, &who).into_response())
+                }
+            }
+        },
+    };
+    forward(&app, req, rewrite, audit, upstream).await
 }

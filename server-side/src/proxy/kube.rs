@@ -16,7 +16,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 
-use super::{Audit, ProxyError, Rewrite, dial_label, forward};
+use super::pool::current_session;
+use super::{Audit, Fresh, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
 use crate::http_util::{authenticate, internal, text};
 use crate::store::Cluster;
@@ -69,45 +70,6 @@ pub async fn handle(
         Ok(t) => t,
         Err(err) => return audit.respond(err.into_response()),
     };
-    let stream = match app
-        .registry
-        .open(&ClientKey::new(cluster_id), "tcp", &target.authority)
-    {
-        Ok(s) => {
-            app.metrics.dial("ok");
-            s
-        }
-        Err(err) => {
-            app.metrics.dial(dial_label(&err));
-            let who = format!("cluster agent of {cluster_id}");
-            return audit.respond(ProxyError::from_dial(err, &who).into_response());
-        }
-    };
-    let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
-    let tls = match tokio::time::timeout(
-        TLS_HANDSHAKE_TIMEOUT,
-        connector.connect(target.server_name.clone(), stream),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            return audit.respond(text(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "cannot reach the apiserver of {cluster_id} at {} through the tunnel: {err}",
-                    target.authority
-                ),
-            ));
-        }
-        Err(_) => {
-            return audit.respond(text(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("TLS handshake with the apiserver of {cluster_id} timed out"),
-            ));
-        }
-    };
-
     let mut set_headers = vec![
         (http::header::AUTHORIZATION, target.bearer.clone()),
         (
@@ -138,12 +100,63 @@ pub async fn handle(
         host: target.authority.clone(),
         set_headers,
     };
-    forward(tls, req, rewrite, audit).await
+    let client_key = ClientKey::new(cluster_id);
+    let upstream = Upstream {
+        target: format!("k8s/{cluster_id}/{}/{}", target.authority, target.ca_digest),
+        client_key: client_key.clone(),
+        connect: || connect(&app, client_key, target),
+    };
+    forward(&app, req, rewrite, audit, upstream).await
+}
+
+/// Dials the apiserver through the cluster's tunnel, does TLS with the agent's CA and the
+/// HTTP/1.1 handshake.
+async fn connect(app: &SharedApp, key: ClientKey, target: Target) -> Fresh {
+    let cluster_id = key.as_str();
+    let session = current_session(&app.registry, &key);
+    let stream = match app.registry.open(&key, "tcp", &target.authority) {
+        Ok(s) => {
+            app.metrics.dial("ok");
+            s
+        }
+        Err(err) => {
+            app.metrics.dial(dial_label(&err));
+            let who = format!("cluster agent of {cluster_id}");
+            return Err(ProxyError::from_dial(err, &who).into_response());
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
+    let tls = match tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        connector.connect(target.server_name.clone(), stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            return Err(text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "cannot reach the apiserver of {cluster_id} at {} through the tunnel: {err}",
+                    target.authority
+                ),
+            ));
+        }
+        Err(_) => {
+            return Err(text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("TLS handshake with the apiserver of {cluster_id} timed out"),
+            ));
+        }
+    };
+    Ok((handshake(tls).await?, session))
 }
 
 /// Where and how to reach a cluster's apiserver.
 struct Target {
     authority: String,
+    /// Short digest of the CA, so pooled connections are keyed by what they trust.
+    ca_digest: String,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
     bearer: HeaderValue,
@@ -183,8 +196,10 @@ impl Target {
         let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
             ProxyError::BadGateway("the agent's token is not a valid header value".to_owned())
         })?;
+        let ca_digest = crate::tokens::sha256_hex(&ca_pem)[..16].to_owned();
         Ok(Self {
             authority,
+            ca_digest,
             server_name,
             tls,
             bearer,

@@ -14,6 +14,7 @@
 
 pub mod docker;
 pub mod kube;
+pub mod pool;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,8 +28,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tunnel_proto::driver::acceptor::{BoxError, ResponseBody};
-use tunnel_proto::driver::registry::DialError;
+use tunnel_proto::driver::acceptor::{BoxError, ClientKey, ResponseBody};
+use tunnel_proto::driver::registry::{DialError, SessionId};
 
 use crate::app::SharedApp;
 use crate::http_util::text;
@@ -173,7 +174,7 @@ impl Drop for Audit {
 }
 
 /// A body that counts the data bytes through it and holds the audit record until it is done.
-struct Counted<B> {
+pub(crate) struct Counted<B> {
     inner: B,
     count: Arc<AtomicU64>,
     _audit: Option<Arc<Audit>>,
@@ -265,16 +266,55 @@ pub fn dial_label(err: &DialError) -> &'static str {
     }
 }
 
-/// Sends `req` over `io` as one HTTP/1.1 exchange and returns the response to give the client,
-/// streaming both bodies, or splicing both connections after a `101`.
-pub async fn forward<S>(
-    io: S,
+/// A fresh upstream connection and the tunnel session it goes through.
+pub(crate) type Fresh = Result<(pool::Sender, Option<SessionId>), Response<ResponseBody>>;
+
+/// Where [`forward`] takes its upstream connection from.
+pub(crate) struct Upstream<C> {
+    /// Pool key of the target (what the connection reaches, and how: address, CA).
+    pub target: String,
+    /// The tunnel's client key.
+    pub client_key: ClientKey,
+    /// Opens a fresh connection (dial, TLS, HTTP/1.1 handshake).
+    pub connect: C,
+}
+
+/// The HTTP/1.1 handshake over a fresh stream; the connection runs in its own task (with
+/// upgrades) until both halves are done.
+pub(crate) async fn handshake<S>(io: S) -> Result<pool::Sender, Response<ResponseBody>>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|err| {
+            text(
+                StatusCode::BAD_GATEWAY,
+                format!("HTTP handshake through the tunnel failed: {err}"),
+            )
+        })?;
+    tokio::spawn(async move {
+        if let Err(err) = conn.with_upgrades().await {
+            tracing::debug!(error = %err, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` upstream as one HTTP/1.1 exchange, on a pooled connection when one is idle
+/// (retrying on a fresh one if the pooled one turns out closed before the request went out),
+/// and returns the response to give the client: the body streamed, or, after a `101`, both
+/// connections spliced.
+pub(crate) async fn forward<C, F>(
+    app: &crate::app::App,
     mut req: Request<Incoming>,
     rewrite: Rewrite,
     audit: Audit,
+    upstream: Upstream<C>,
 ) -> Response<ResponseBody>
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: FnOnce() -> F,
+    F: std::future::Future<Output = Fresh>,
 {
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -304,27 +344,59 @@ where
         },
     );
 
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-        Ok(pair) => pair,
-        Err(err) => {
-            return audit.respond(text(
-                StatusCode::BAD_GATEWAY,
-                format!("HTTP handshake through the tunnel failed: {err}"),
-            ));
+    let pool = &app.upstreams;
+    // Ok: answered on a pooled connection; Err: still to send.
+    let mut outcome = Err(upstream_req);
+    if !upgrade {
+        while let Err(req) = outcome {
+            let Some((mut sender, session)) =
+                pool.checkout(&upstream.target, &app.registry, &upstream.client_key)
+            else {
+                outcome = Err(req);
+                break;
+            };
+            outcome = match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    app.metrics.dial("pooled");
+                    pool.checkin(upstream.target.clone(), session, sender);
+                    Ok(resp)
+                }
+                Err(mut err) => match err.take_message() {
+                    // Not sent: that connection was gone; try the next one.
+                    Some(req) => Err(req),
+                    None => {
+                        return audit.respond(text(
+                            StatusCode::BAD_GATEWAY,
+                            format!(
+                                "error from the target through the tunnel: {}",
+                                err.into_error()
+                            ),
+                        ));
+                    }
+                },
+            };
         }
-    };
-    tokio::spawn(async move {
-        if let Err(err) = conn.with_upgrades().await {
-            tracing::debug!(error = %err, "upstream connection ended with an error");
-        }
-    });
-    let mut resp = match sender.send_request(upstream_req).await {
+    }
+    let mut resp = match outcome {
         Ok(resp) => resp,
-        Err(err) => {
-            return audit.respond(text(
-                StatusCode::BAD_GATEWAY,
-                format!("error from the target through the tunnel: {err}"),
-            ));
+        Err(upstream_req) => {
+            let (mut sender, session) = match (upstream.connect)().await {
+                Ok(fresh) => fresh,
+                Err(resp) => return audit.respond(resp),
+            };
+            let resp = match sender.send_request(upstream_req).await {
+                Ok(resp) => resp,
+                Err(err) => {
+                    return audit.respond(text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("error from the target through the tunnel: {err}"),
+                    ));
+                }
+            };
+            if let (false, Some(session)) = (upgrade, session) {
+                pool.checkin(upstream.target.clone(), session, sender);
+            }
+            resp
         }
     };
     audit

@@ -520,6 +520,8 @@ pub struct Seen {
 /// * anything else: 200 JSON `{"path": ...}`.
 pub struct FakeApiserver {
     pub addr: SocketAddr,
+    /// TLS connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
     pub ca_pem: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     release: Arc<tokio::sync::Notify>,
@@ -538,9 +540,12 @@ impl FakeApiserver {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let release = Arc::new(tokio::sync::Notify::new());
         let (seen2, release2) = (seen.clone(), release.clone());
+        let accepted: Arc<AtomicU64> = Arc::default();
+        let accepted2 = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
+                accepted2.fetch_add(1, Ordering::Relaxed);
                 let tls = tokio_rustls::TlsAcceptor::from(tls.clone());
                 let (seen, release) = (seen2.clone(), release2.clone());
                 tokio::spawn(async move {
@@ -619,6 +624,7 @@ impl FakeApiserver {
         });
         Self {
             addr,
+            accepted,
             ca_pem,
             seen,
             release,
