@@ -9,7 +9,8 @@ packages=(
   tinyproxy        # connector tests: a real HTTP CONNECT proxy
   docker.io        # node-agent tests: a real dockerd on its own socket
   busybox-static   # the image `docker import` makes for those tests
-  iproute2 iptables socat curl tmux ca-certificates
+  iproute2 iptables socat curl tmux ca-certificates procps
+  python3-yaml jq openssl  # deploy tests: read manifests, query the API, make certificates
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -28,6 +29,10 @@ systemctl disable --now tinyproxy >/dev/null 2>&1 || service tinyproxy stop >/de
 # The Go interop peer (real github.com/rancher/remotedialer); downloads modules and, if needed,
 # the Go toolchain its go.mod asks for, through the Go module proxy.
 bash tests/interop/build.sh
+
+# The real kube-apiserver and etcd for the deploy and e2e suites, built from their Go modules
+# once per machine (about 12 minutes the first time; cached in ~/.cache/tunnel-e2e).
+bash tests/e2e/lib/build-k8s.sh
 
 # Fuzzing needs nightly (present on these machines) and cargo-fuzz.
 if rustup run nightly rustc --version >/dev/null 2>&1 && ! command -v cargo-fuzz >/dev/null; then

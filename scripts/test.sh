@@ -15,6 +15,10 @@ step "Go interop peer"
 bash tests/interop/build.sh
 step "cargo test --workspace"
 cargo test --workspace --no-fail-fast
+step "deploy: images without a registry, manifests against a real kube-apiserver, agents under a real dockerd"
+bash deploy/test/deploy-test.sh
+step "kind suite (skips, saying why, without kind and its node image)"
+bash tests/kind/run.sh
 step "fuzz (${FUZZ_SECONDS:=30} s per target)"
 FUZZ_SECONDS="$FUZZ_SECONDS" tunnel-proto/fuzz/run.sh
 step "all tests passed"
