@@ -92,6 +92,7 @@ pub async fn run(app: SharedApp, shutdown: CancellationToken) {
                     }
                 };
                 sweep_deleted(&app, &clusters);
+                app.upstreams.prune();
                 let mut probes = tokio::task::JoinSet::new();
                 for cluster in clusters {
                     let app = app.clone();

@@ -154,6 +154,19 @@ impl Pool {
         self.len() == 0
     }
 
+    /// Drops closed and expired connections (called periodically, so targets nobody asks for
+    /// any more do not keep theirs).
+    pub fn prune(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for list in idle.values_mut() {
+            list.retain(|e| {
+                !e.sender.is_closed() && now.saturating_duration_since(e.since) <= self.idle_timeout
+            });
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
     /// Drops every connection to targets whose key starts with `prefix` (a cluster deleted).
     pub fn forget(&self, prefix: &str) {
         self.idle
