@@ -292,11 +292,11 @@ async fn count_sessions(app: SharedApp, shutdown: CancellationToken) {
         };
         match event {
             Ok(RegistryEvent::Added { key, .. }) => {
-                tracing::info!(%key, "tunnel session registered");
+                tracing::debug!(%key, "tunnel session registered");
                 app.metrics.session_added();
             }
             Ok(RegistryEvent::Removed { key, reason, .. }) => {
-                tracing::info!(%key, %reason, "tunnel session removed");
+                tracing::debug!(%key, %reason, "tunnel session removed");
                 app.metrics.session_removed();
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
