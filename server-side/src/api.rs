@@ -34,6 +34,12 @@ pub enum Op {
     DeleteCluster,
     /// `GET /v1/clusters/{id}/import`
     ClusterImport,
+    /// `GET /v1/clusters/{id}/tokens`
+    ListClusterTokens,
+    /// `POST /v1/clusters/{id}/tokens`
+    CreateClusterToken,
+    /// `DELETE /v1/clusters/{id}/tokens/{token}`
+    DeleteClusterToken,
     /// `GET /v1/nodes`
     ListNodes,
     /// `GET /v1/nodes/{id}`
@@ -122,6 +128,30 @@ pub const ROUTES: &[Route] = &[
         summary: "The cluster's import URL and command",
         request: None,
         response: (200, "ClusterImport"),
+    },
+    Route {
+        method: "GET",
+        pattern: "/v1/clusters/{id}/tokens",
+        op: Op::ListClusterTokens,
+        summary: "The cluster's registration tokens, oldest first, with their import commands",
+        request: None,
+        response: (200, "ClusterImportList"),
+    },
+    Route {
+        method: "POST",
+        pattern: "/v1/clusters/{id}/tokens",
+        op: Op::CreateClusterToken,
+        summary: "Add a registration token (rotation: add, re-import, then delete the old one)",
+        request: None,
+        response: (201, "ClusterImport"),
+    },
+    Route {
+        method: "DELETE",
+        pattern: "/v1/clusters/{id}/tokens/{token}",
+        op: Op::DeleteClusterToken,
+        summary: "Delete a registration token; agents still using it get 400 `cluster not found`",
+        request: None,
+        response: (204, ""),
     },
     Route {
         method: "GET",
@@ -370,6 +400,17 @@ fn cluster_view(app: &SharedApp, c: &Cluster) -> Value {
     })
 }
 
+fn import_view(app: &SharedApp, cluster_id: &str, token: &str) -> Value {
+    let url = &app.config.server_url;
+    json!({
+        "clusterId": cluster_id,
+        "registrationToken": token,
+        "importUrl": import_url(url, token, cluster_id),
+        "importCommand": import_command(url, token, cluster_id),
+        "caChecksum": app.ca_checksum(),
+    })
+}
+
 fn node_view(app: &SharedApp, n: &Node) -> Value {
     json!({
         "id": n.id,
@@ -500,17 +541,42 @@ async fn dispatch(
                     .create_registration_token(&c.id)
                     .map_err(store_error)?,
             };
-            let url = &app.config.server_url;
-            json_response(
-                StatusCode::OK,
-                &json!({
-                    "clusterId": c.id,
-                    "registrationToken": token.token,
-                    "importUrl": import_url(url, &token.token, &c.id),
-                    "importCommand": import_command(url, &token.token, &c.id),
-                    "caChecksum": app.ca_checksum(),
-                }),
-            )
+            json_response(StatusCode::OK, &import_view(app, &c.id, &token.token))
+        }
+        Op::ListClusterTokens => {
+            let c = found(
+                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                "cluster",
+            )?;
+            let tokens = store.registration_tokens(&c.id).map_err(store_error)?;
+            let items: Vec<Value> = tokens
+                .iter()
+                .map(|t| import_view(app, &c.id, &t.token))
+                .collect();
+            json_response(StatusCode::OK, &json!({ "items": items }))
+        }
+        Op::CreateClusterToken => {
+            let c = found(
+                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                "cluster",
+            )?;
+            let t = store
+                .create_registration_token(&c.id)
+                .map_err(store_error)?;
+            json_response(StatusCode::CREATED, &import_view(app, &c.id, &t.token))
+        }
+        Op::DeleteClusterToken => {
+            let c = found(
+                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                "cluster",
+            )?;
+            if !store
+                .delete_registration_token(&c.id, p(1))
+                .map_err(store_error)?
+            {
+                return Err(error(StatusCode::NOT_FOUND, "registration token not found"));
+            }
+            crate::http_util::empty(StatusCode::NO_CONTENT)
         }
         Op::ListNodes => {
             let nodes = store
@@ -671,6 +737,7 @@ fn schemas() -> Value {
         "ClusterList": list("Cluster"),
         "NewCluster": { "type": "object", "required": ["name"], "properties": { "name": { "type": "string" } } },
         "ClusterCreated": { "type": "object", "properties": { "cluster": { "$ref": "#/components/schemas/Cluster" }, "registrationToken": { "type": "string" }, "importUrl": { "type": "string" }, "importCommand": { "type": "string" } } },
+        "ClusterImportList": list("ClusterImport"),
         "ClusterImport": { "type": "object", "properties": { "clusterId": { "type": "string" }, "registrationToken": { "type": "string" }, "importUrl": { "type": "string" }, "importCommand": { "type": "string" }, "caChecksum": { "type": "string" } } },
         "Node": { "type": "object", "properties": { "id": { "type": "string", "example": "m-164546f60261" }, "clusterId": { "type": "string" }, "hostname": { "type": "string" }, "dockerSocket": { "type": "string" }, "createdAt": ts, "connected": { "type": "boolean" }, "params": { "type": "object" } } },
         "NodeList": list("Node"),

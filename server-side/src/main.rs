@@ -3,6 +3,7 @@
 //! ```text
 //! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http]
 //! tunnel-server [--data-dir DIR] cluster add NAME | cluster list | cluster rm CLUSTER
+//! tunnel-server [--data-dir DIR] cluster token CLUSTER [--new | --revoke TOKEN]
 //! tunnel-server [--data-dir DIR] user add NAME [--admin] [--group G]... | user list
 //! tunnel-server [--data-dir DIR] token add USER
 //! tunnel-server [--data-dir DIR] grant USER CLUSTER
@@ -119,6 +120,21 @@ enum ClusterCmd {
     },
     /// List clusters.
     List,
+    /// Show a cluster's registration tokens and import commands; add or delete one (rotation:
+    /// `--new`, re-import with the new command, then `--revoke` the old token).
+    Token {
+        /// Cluster name or id.
+        cluster: String,
+        /// Add a token and print its import command.
+        #[arg(long, conflicts_with = "revoke")]
+        new: bool,
+        /// Delete this token; agents still using it get 400 `cluster not found`.
+        #[arg(long)]
+        revoke: Option<String>,
+        /// Server URL (default: the one the server last started with).
+        #[arg(long)]
+        server_url: Option<String>,
+    },
     /// Delete a cluster (name or id) and everything that belongs to it.
     Rm {
         /// Cluster name or id.
@@ -279,6 +295,38 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("cluster {cluster} not found"))?;
             store.delete_cluster(&c.id)?;
             println!("cluster {} ({}) deleted", c.name, c.id);
+        }
+        Command::Cluster(ClusterCmd::Token {
+            cluster,
+            new,
+            revoke,
+            server_url,
+        }) => {
+            let c = store
+                .cluster_by_id_or_name(&cluster)?
+                .with_context(|| format!("cluster {cluster} not found"))?;
+            if let Some(token) = revoke {
+                if !store.delete_registration_token(&c.id, &token)? {
+                    bail!("cluster {} has no such registration token", c.name);
+                }
+                println!("registration token revoked");
+                return Ok(());
+            }
+            let url = server_url_of(&store, server_url)?;
+            if new {
+                let t = store.create_registration_token(&c.id)?;
+                println!(
+                    "{}",
+                    server_side::import::import_command(&url, &t.token, &c.id)
+                );
+                return Ok(());
+            }
+            for t in store.registration_tokens(&c.id)? {
+                println!(
+                    "{}",
+                    server_side::import::import_command(&url, &t.token, &c.id)
+                );
+            }
         }
         Command::User(UserCmd::Add {
             name,

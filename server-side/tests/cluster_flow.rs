@@ -282,6 +282,21 @@ async fn tunnel_endpoint_statuses_and_messages_match_rancher() {
         assert!(b.starts_with("illegal base64 data"), "{b}");
         let _ = b64;
 
+        // Token rotation with the CLI: a new token registers, the revoked one is refused.
+        let new_cmd = cli(dir.path(), &["cluster", "token", "c1", "--new"]);
+        let new_token = new_cmd.trim().rsplit('/').next().unwrap().split('_').next().unwrap().to_owned();
+        assert_ne!(new_token, token);
+        let listed = cli(dir.path(), &["cluster", "token", "c1"]);
+        assert_eq!(listed.lines().count(), 2, "{listed}");
+        let cluster_params = json!({"cluster": {"address": "127.0.0.1:1", "token": "t", "caCert": "Y2E="}});
+        connect_agent(&server, "/v3/connect", agent_headers(&new_token, &cluster_params), trust.clone(), None)
+            .await
+            .expect("the new token registers");
+        cli(dir.path(), &["cluster", "token", "c1", "--revoke", &token]);
+        let (s, b) = refused(connect_agent(&server, "/v3/connect", agent_headers(&token, &cluster_params), trust.clone(), None).await);
+        assert_eq!((s, b.as_str()), (400, "cluster not found"));
+        let token = new_token;
+
         // A node registers on /register (created), then connects on /v3/connect.
         let node = json!({"node": {"requestedHostname": "node1", "customConfig": {"address": "10.0.0.5"}}});
         let t = connect_agent(&server, "/v3/connect/register", agent_headers(&token, &node), trust.clone(), None).await.expect("node registers");

@@ -20,6 +20,9 @@ const EXPECTED: &[(&str, &str)] = &[
     ("get", "/v1/clusters/{id}"),
     ("delete", "/v1/clusters/{id}"),
     ("get", "/v1/clusters/{id}/import"),
+    ("get", "/v1/clusters/{id}/tokens"),
+    ("post", "/v1/clusters/{id}/tokens"),
+    ("delete", "/v1/clusters/{id}/tokens/{token}"),
     ("get", "/v1/nodes"),
     ("get", "/v1/nodes/{id}"),
     ("patch", "/v1/nodes/{id}"),
@@ -74,7 +77,8 @@ async fn openapi_document_matches_the_router() {
             let concrete = path
                 .replace("{id}", "x-none")
                 .replace("{userId}", "x-none")
-                .replace("{clusterId}", "x-none");
+                .replace("{clusterId}", "x-none")
+                .replace("{token}", "x-none");
             let r = http
                 .api(&method.to_uppercase(), &concrete, &admin, None)
                 .await;

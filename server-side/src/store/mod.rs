@@ -198,6 +198,9 @@ pub trait Store: Send + Sync + 'static {
     fn registration_tokens(&self, cluster_id: &str) -> Result<Vec<RegistrationToken>>;
     /// Adds a fresh token to a cluster.
     fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken>;
+    /// Deletes a token of a cluster (agents using it get `cluster not found`); false if there
+    /// was none.
+    fn delete_registration_token(&self, cluster_id: &str, token: &str) -> Result<bool>;
 
     // === nodes ===
 

@@ -371,6 +371,13 @@ impl Store for SqliteStore {
         Ok(token)
     }
 
+    fn delete_registration_token(&self, cluster_id: &str, token: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM registration_tokens WHERE cluster_id = ?1 AND token = ?2",
+            [cluster_id, token],
+        )? > 0)
+    }
+
     fn node(&self, cluster_id: &str, id: &str) -> Result<Option<Node>> {
         Ok(self
             .conn()
@@ -762,6 +769,17 @@ mod tests {
         assert!(store.revoke_api_token(&tok.id).unwrap());
         assert_eq!(store.authenticate(&bearer).unwrap(), None);
 
+        let t2 = store.create_registration_token(&c.id).unwrap();
+        assert_eq!(store.registration_tokens(&c.id).unwrap().len(), 2);
+        assert!(store.delete_registration_token(&c.id, &t.token).unwrap());
+        assert_eq!(
+            store.cluster_for_registration_token(&t.token).unwrap(),
+            None
+        );
+        assert_eq!(
+            store.cluster_for_registration_token(&t2.token).unwrap(),
+            Some(c.id.clone())
+        );
         assert!(store.delete_cluster(&c.id).unwrap());
         assert!(store.nodes(None).unwrap().is_empty());
         assert!(store.grants().unwrap().is_empty());
