@@ -133,6 +133,11 @@ async fn docker_api_of_a_node_through_its_tunnel() {
             .await;
         println!("refused by the agent: {} {}", r.status, r.body);
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert!(
+            r.body.contains("refused"),
+            "the agent's reason is passed on: {}",
+            r.body
+        );
         let r = http
             .api(
                 "PATCH",

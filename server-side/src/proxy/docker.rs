@@ -83,6 +83,7 @@ pub async fn handle(
     let upstream = Upstream {
         target: format!("docker/{}/{}", node.client_key(), node.docker_socket),
         client_key: key.clone(),
+        what: format!("dockerd of {node_id} at unix {}", node.docker_socket),
         connect: || async {
             let session = current_session(&app.registry, &key);
             match app.registry.open(&key, "unix", &node.docker_socket) {

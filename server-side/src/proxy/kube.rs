@@ -104,6 +104,7 @@ pub async fn handle(
     let upstream = Upstream {
         target: format!("k8s/{cluster_id}/{}/{}", target.authority, target.ca_digest),
         client_key: client_key.clone(),
+        what: format!("the apiserver of {cluster_id} at {}", target.authority),
         connect: || connect(&app, client_key, target),
     };
     forward(&app, req, rewrite, audit, upstream).await

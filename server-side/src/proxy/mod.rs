@@ -257,6 +257,22 @@ impl ProxyError {
     }
 }
 
+/// An error and its sources, `a: b: c` (hyper's own text hides the tunnel's reason, such as
+/// the agent refusing the dial, in its source).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// The dial result label for metrics.
 pub fn dial_label(err: &DialError) -> &'static str {
     match err {
@@ -275,6 +291,8 @@ pub(crate) struct Upstream<C> {
     pub target: String,
     /// The tunnel's client key.
     pub client_key: ClientKey,
+    /// What is reached, for error messages ("the apiserver of c-x at 10.43.0.1:443").
+    pub what: String,
     /// Opens a fresh connection (dial, TLS, HTTP/1.1 handshake).
     pub connect: C,
 }
@@ -368,8 +386,9 @@ where
                         return audit.respond(text(
                             StatusCode::BAD_GATEWAY,
                             format!(
-                                "error from the target through the tunnel: {}",
-                                err.into_error()
+                                "error from {} through the tunnel: {}",
+                                upstream.what,
+                                error_chain(&err.into_error())
                             ),
                         ));
                     }
@@ -389,7 +408,11 @@ where
                 Err(err) => {
                     return audit.respond(text(
                         StatusCode::BAD_GATEWAY,
-                        format!("error from the target through the tunnel: {err}"),
+                        format!(
+                            "error from {} through the tunnel (the agent may have refused the dial): {}",
+                            upstream.what,
+                            error_chain(&err)
+                        ),
                     ));
                 }
             };
