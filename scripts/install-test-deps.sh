@@ -10,6 +10,7 @@ packages=(
   docker.io        # node-agent tests: a real dockerd on its own socket
   busybox-static   # the image `docker import` makes for those tests
   iproute2 iptables socat curl tmux ca-certificates procps
+  kubectl          # server tests: the real kubectl through the server
   python3-yaml jq openssl  # deploy tests: read manifests, query the API, make certificates
 )
 missing=()
