@@ -17,23 +17,5 @@ fn main() -> ExitCode {
         }
     };
     agent_core::init_logging(config.common.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cattle-cluster-agent: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(agent_cluster::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("cattle-cluster-agent: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    agent_core::run_to_exit("cattle-cluster-agent", agent_cluster::run(config))
 }

@@ -45,6 +45,33 @@ pub mod signal;
 pub use config::{CommonArgs, CommonConfig, Credentials, CredentialsPrecedence, ServerUrl};
 pub use env::{ConfigError, ConfigErrors, Strings};
 
+/// Runs an agent binary's body on a two-thread runtime and turns its outcome into the exit
+/// code; errors go to the log and, under the binary's name, to stderr.
+pub fn run_to_exit<E: std::fmt::Display>(
+    binary: &str,
+    body: impl std::future::Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{binary}: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{binary}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Installs the stderr log subscriber at `level`.
 pub fn init_logging(level: config::LogLevel) {
     let max = match level {
