@@ -373,7 +373,13 @@ where
                 outcome = Err(req);
                 break;
             };
-            outcome = match sender.try_send_request(req).await {
+            let answer = tokio::select! {
+                answer = sender.try_send_request(req) => answer,
+                () = pool::gone_silent(&app.registry, &upstream.client_key, Some(session)) => {
+                    return audit.respond(went_silent(&upstream.what));
+                }
+            };
+            outcome = match answer {
                 Ok(resp) => {
                     app.metrics.dial("pooled");
                     pool.checkin(upstream.target.clone(), session, sender);
@@ -399,27 +405,36 @@ where
     let mut resp = match outcome {
         Ok(resp) => resp,
         Err(upstream_req) => {
-            let (mut sender, session) = match (upstream.connect)().await {
-                Ok(fresh) => fresh,
-                Err(resp) => return audit.respond(resp),
-            };
-            let resp = match sender.send_request(upstream_req).await {
-                Ok(resp) => resp,
-                Err(err) => {
-                    return audit.respond(text(
+            let exchange = async {
+                let (mut sender, session) = (upstream.connect)().await?;
+                let resp = sender.send_request(upstream_req).await.map_err(|err| {
+                    text(
                         StatusCode::BAD_GATEWAY,
                         format!(
                             "error from {} through the tunnel (the agent may have refused the dial): {}",
                             upstream.what,
                             error_chain(&err)
                         ),
-                    ));
+                    )
+                })?;
+                if let (false, Some(session)) = (upgrade, session) {
+                    pool.checkin(upstream.target.clone(), session, sender);
+                }
+                Ok(resp)
+            };
+            // The session a fresh dial goes through is the current one (the dial itself fails
+            // at once with 503 when there is none, or it is already silent).
+            let watched = pool::current_session(&app.registry, &upstream.client_key);
+            let answer = tokio::select! {
+                answer = exchange => answer,
+                () = pool::gone_silent(&app.registry, &upstream.client_key, watched), if watched.is_some() => {
+                    Err(went_silent(&upstream.what))
                 }
             };
-            if let (false, Some(session)) = (upgrade, session) {
-                pool.checkin(upstream.target.clone(), session, sender);
+            match answer {
+                Ok(resp) => resp,
+                Err(resp) => return audit.respond(resp),
             }
-            resp
         }
     };
     audit
@@ -453,6 +468,16 @@ where
     .map_err(|e| -> BoxError { Box::new(e) })
     .boxed();
     Response::from_parts(parts, body)
+}
+
+/// The answer to a request whose tunnel went silent while it waited for the response head.
+fn went_silent(what: &str) -> Response<ResponseBody> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "{what} is not responding: its tunnel went silent while the request waited for an answer (the agent's link is down or it stopped)"
+        ),
+    )
 }
 
 /// Joins an upgraded client connection with the upgraded upstream one.

@@ -67,12 +67,31 @@ pub(crate) fn current_session(registry: &Registry, key: &ClientKey) -> Option<Se
         .map(|s| s.id())
 }
 
+/// How often [`gone_silent`] looks at the session.
+const SILENCE_POLL: Duration = Duration::from_millis(250);
+
+/// Resolves once `session` (or, with `None`, the session a dial through `key` would use now)
+/// is no longer registered and healthy: the registry's silence threshold passed with nothing
+/// heard from the agent, or the session ended.
+///
+/// A request waiting for its response head on a stream through a session that went silent
+/// would otherwise wait until the keepalive gives up on the session (60 s): a link cut under
+/// a pooled connection, or a dial sent just before the cut. Raced against that wait, it ends
+/// the request with a 503 as soon as the registry stops offering the session to new requests.
+pub(crate) async fn gone_silent(registry: &Registry, key: &ClientKey, session: Option<SessionId>) {
+    let Some(id) = session.or_else(|| current_session(registry, key)) else {
+        return;
+    };
+    while session_healthy(registry, key, id) {
+        tokio::time::sleep(SILENCE_POLL).await;
+    }
+}
+
 fn session_healthy(registry: &Registry, key: &ClientKey, id: SessionId) -> bool {
     let max_silence = registry.config().max_silence();
-    registry
-        .sessions(key)
-        .iter()
-        .any(|s| s.id() == id && s.tunnel().is_healthy(max_silence))
+    registry.sessions(key).iter().any(|s| {
+        s.id() == id && s.tunnel().close_reason().is_none() && s.tunnel().is_healthy(max_silence)
+    })
 }
 
 impl Pool {
