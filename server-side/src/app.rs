@@ -8,6 +8,7 @@ use std::time::Duration;
 use tunnel_proto::driver::acceptor::ClientKey;
 use tunnel_proto::driver::registry::Registry;
 
+use crate::auth_limit::{AuthLimitConfig, AuthLimiter, DEFAULT_KNOWN_GOOD, KnownGood};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -24,6 +25,8 @@ pub struct AppConfig {
     pub node_agent_image: String,
     /// How often the Connected status of each cluster is probed.
     pub probe_interval: Duration,
+    /// The rate limit on failed agent authentications.
+    pub auth_limit: AuthLimitConfig,
 }
 
 /// Live connectivity of a cluster, as derived by the prober.
@@ -51,6 +54,10 @@ pub struct App {
     pub metrics: Metrics,
     /// Idle upstream connections of the proxies.
     pub upstreams: crate::proxy::pool::Pool,
+    /// Failed agent authentications per address ([`crate::auth_limit`]).
+    pub auth_limiter: AuthLimiter,
+    /// Agent credentials accepted since start; they skip the limiter.
+    pub known_good: KnownGood,
     connectivity: Mutex<HashMap<String, Connectivity>>,
 }
 
@@ -74,6 +81,8 @@ impl App {
         Self {
             store,
             registry,
+            auth_limiter: AuthLimiter::new(config.auth_limit.clone()),
+            known_good: KnownGood::new(DEFAULT_KNOWN_GOOD),
             config,
             metrics: Metrics::default(),
             upstreams: crate::proxy::pool::Pool::default(),

@@ -1,7 +1,7 @@
 //! `tunnel-server`: the management server and its admin CLI.
 //!
 //! ```text
-//! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http]
+//! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http] [--auth-failure-burst N] [--auth-failure-refill R] [--auth-failure-max-addresses N]
 //! tunnel-server [--data-dir DIR] cluster add NAME | cluster list | cluster rm CLUSTER
 //! tunnel-server [--data-dir DIR] cluster token CLUSTER [--new | --revoke TOKEN]
 //! tunnel-server [--data-dir DIR] user add NAME [--admin] [--group G]... | user list
@@ -106,6 +106,16 @@ struct ServeArgs {
     /// Seconds to wait for requests and tunnels on shutdown.
     #[arg(long, default_value_t = 10.0)]
     shutdown_grace: f64,
+    /// Failed agent authentications (/v3/connect) one address may make in a row before its
+    /// requests are refused without any lookup; 0 turns the limit off.
+    #[arg(long, default_value_t = server_side::auth_limit::DEFAULT_BURST)]
+    auth_failure_burst: u32,
+    /// Failed authentications per second an address regains.
+    #[arg(long, default_value_t = server_side::auth_limit::DEFAULT_REFILL_PER_SEC)]
+    auth_failure_refill: f64,
+    /// Most addresses the failed-authentication limit tracks at once.
+    #[arg(long, default_value_t = server_side::auth_limit::DEFAULT_MAX_ADDRESSES)]
+    auth_failure_max_addresses: usize,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +225,11 @@ fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     config.node_agent_image = args.node_agent_image;
     config.probe_interval = secs(args.probe_interval, "--probe-interval")?;
     config.shutdown_grace = secs(args.shutdown_grace, "--shutdown-grace")?;
+    config.auth_limit = server_side::auth_limit::AuthLimitConfig {
+        burst: args.auth_failure_burst,
+        refill_per_sec: args.auth_failure_refill,
+        max_addresses: args.auth_failure_max_addresses,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -18,6 +18,9 @@ pub struct Metrics {
     dials: Mutex<BTreeMap<&'static str, u64>>,
     requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
     proxied_bytes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    agent_auth_failures: Mutex<BTreeMap<&'static str, u64>>,
+    agent_auth_rate_limited: AtomicU64,
+    auth_limit_addresses: AtomicU64,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K, by: u64) {
@@ -55,6 +58,22 @@ impl Metrics {
         bump(&self.requests, (kind, target.to_owned(), status), 1);
         bump(&self.proxied_bytes, (kind, "in"), bytes_in);
         bump(&self.proxied_bytes, (kind, "out"), bytes_out);
+    }
+
+    /// A tunnel request failed authentication (`reason`: `unknown_token`,
+    /// `missing_credentials`).
+    pub fn agent_auth_failure(&self, reason: &'static str) {
+        bump(&self.agent_auth_failures, reason, 1);
+    }
+
+    /// A tunnel request was refused by the failed-authentication rate limit.
+    pub fn agent_auth_rate_limited(&self) {
+        self.agent_auth_rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The rate limiter tracks `n` addresses.
+    pub fn set_auth_limit_addresses(&self, n: usize) {
+        self.auth_limit_addresses.store(n as u64, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of these counters plus the registry's live figures.
@@ -158,6 +177,52 @@ impl Metrics {
                 "tunnel_server_proxied_bytes_total{{kind=\"{kind}\",direction=\"{dir}\"}} {n}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_agent_auth_failures_total Tunnel requests (/v3/connect) that failed authentication, by reason."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tunnel_server_agent_auth_failures_total counter"
+        );
+        let mut failures = self
+            .agent_auth_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Both reasons from the start, so a rate() over them has a baseline.
+        for reason in ["missing_credentials", "unknown_token"] {
+            failures.entry(reason).or_insert(0);
+        }
+        for (reason, n) in failures {
+            let _ = writeln!(
+                out,
+                "tunnel_server_agent_auth_failures_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_agent_auth_rate_limited_total Tunnel requests refused, before any lookup, because their address failed authentication too often."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tunnel_server_agent_auth_rate_limited_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "tunnel_server_agent_auth_rate_limited_total {}",
+            self.agent_auth_rate_limited.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_auth_limit_addresses Addresses the failed-authentication rate limit tracks now."
+        );
+        let _ = writeln!(out, "# TYPE tunnel_server_auth_limit_addresses gauge");
+        let _ = writeln!(
+            out,
+            "tunnel_server_auth_limit_addresses {}",
+            self.auth_limit_addresses.load(Ordering::Relaxed)
+        );
         out
     }
 }

@@ -15,6 +15,7 @@ use tunnel_proto::mux::refuse_all;
 use tunnel_proto::{Role, SessionConfig};
 
 use crate::app::{App, AppConfig, SharedApp};
+use crate::auth_limit::{AuthLimitConfig, AuthLimitConfigError};
 use crate::store::{SqliteStore, Store, StoreError};
 
 /// The tunnel mount paths.
@@ -64,6 +65,8 @@ pub struct ServeConfig {
     pub probe_interval: Duration,
     /// How long shutdown waits for requests and tunnels (default 10 s).
     pub shutdown_grace: Duration,
+    /// The rate limit on failed agent authentications (default: burst 10, 1 per second).
+    pub auth_limit: AuthLimitConfig,
 }
 
 impl ServeConfig {
@@ -78,6 +81,7 @@ impl ServeConfig {
             node_agent_image: DEFAULT_NODE_AGENT_IMAGE.to_owned(),
             probe_interval: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(10),
+            auth_limit: AuthLimitConfig::default(),
         }
     }
 }
@@ -104,6 +108,9 @@ pub enum ServeError {
     /// The TLS configuration was refused.
     #[error("TLS: {0}")]
     Tls(#[from] tunnel_proto::driver::acceptor::ServerTlsError),
+    /// The rate-limit settings are unusable.
+    #[error("auth rate limit: {0}")]
+    AuthLimit(#[from] AuthLimitConfigError),
     /// The server URL is not a URL.
     #[error("invalid --server-url {0:?}: expected http(s)://host[:port]")]
     ServerUrl(String),
@@ -145,6 +152,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Opens the store, sets up TLS and binds the listener.
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
+        config.auth_limit.validate()?;
         let store = Arc::new(open_store(&config.data_dir)?);
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -230,6 +238,7 @@ impl Server {
                 agent_image: config.agent_image.clone(),
                 node_agent_image: config.node_agent_image.clone(),
                 probe_interval: config.probe_interval,
+                auth_limit: config.auth_limit.clone(),
             },
         ));
 

@@ -9,12 +9,21 @@
 //!    the node on `/register`.
 //! 2. **Steve aggregation**: `Authorization: Bearer stv-cluster-<token>` gives
 //!    `stv-cluster-<cluster>`.
+//!
+//! Before the chain, the failed-authentication rate limit ([`crate::auth_limit`]): a request
+//! from an address that has used up its failure budget is refused without any store lookup,
+//! unless it presents a credential accepted before. After the chain, a credential failure (no
+//! credential: 401; an unknown registration token: 400 `cluster not found`; an unknown
+//! `stv-cluster-` bearer: 401) takes a token from the address's bucket. Errors with a valid
+//! token (bad params, unknown node) are not authentication failures and cost nothing.
 
 use serde::Deserialize;
+use tokio::time::Instant;
 use tunnel_proto::driver::acceptor::{AuthRequest, ClientKey, Reject};
 use tunnel_proto::driver::registry::check_client_key;
 
 use crate::app::{App, stv_key};
+use crate::auth_limit::{AddrKey, Verdict};
 use crate::store::{ClusterAgentReport, DEFAULT_DOCKER_SOCKET, Node, StoreError, now_unix};
 use crate::tokens;
 
@@ -94,7 +103,23 @@ pub fn api_endpoint(address: &str) -> String {
     format!("https://{address}")
 }
 
-type Outcome = Result<Option<ClientKey>, String>;
+/// Why an authorizer refused: the credential itself, or something else about a request with
+/// a valid one (only the former counts against the address's failure budget).
+#[derive(Debug)]
+enum Failure {
+    /// The registration token is not known (Rancher: 400 `cluster not found`).
+    UnknownToken,
+    /// Any other error, as a 400 with this text.
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(msg: String) -> Self {
+        Self::Other(msg)
+    }
+}
+
+type Outcome = Result<Option<ClientKey>, Failure>;
 
 fn header<'a>(req: &'a AuthRequest, name: &str) -> &'a str {
     req.headers
@@ -118,7 +143,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
         .store
         .cluster_for_registration_token(token)
         .map_err(store_error)?
-        .ok_or_else(|| "cluster not found".to_owned())?;
+        .ok_or(Failure::UnknownToken)?;
     let params = parse_params(header(req, PARAMS_HEADER))?;
     if let Some(node) = params.node {
         let register = req.uri.path().ends_with("/register");
@@ -131,7 +156,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
         let existing = app.store.node(&cluster_id, &machine).map_err(store_error)?;
         match existing {
             None if !register => {
-                return Err(format!("node.management.cattle.io \"{machine}\" not found"));
+                return Err(format!("node.management.cattle.io \"{machine}\" not found").into());
             }
             _ if register => {
                 let created_at = existing.as_ref().map_or_else(now_unix, |n| n.created_at);
@@ -169,18 +194,22 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
         }
         return Ok(Some(ClientKey::new(cluster_id)));
     }
-    Err("missing node or cluster registration info".to_owned())
+    Err(Failure::Other(
+        "missing node or cluster registration info".to_owned(),
+    ))
+}
+
+/// The registration token of an `Authorization: Bearer stv-cluster-<token>` header, if any.
+fn stv_token(req: &AuthRequest) -> &str {
+    header(req, "authorization")
+        .strip_prefix("Bearer ")
+        .and_then(|t| t.strip_prefix(STV_BEARER_PREFIX))
+        .unwrap_or("")
 }
 
 /// The steve cluster-proxy authorizer.
 fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
-    let auth = header(req, "authorization");
-    let Some(token) = auth
-        .strip_prefix("Bearer ")
-        .and_then(|t| t.strip_prefix(STV_BEARER_PREFIX))
-    else {
-        return Ok(None);
-    };
+    let token = stv_token(req);
     if token.is_empty() {
         return Ok(None);
     }
@@ -191,30 +220,104 @@ fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
         .map(|cluster| stv_key(&cluster)))
 }
 
-/// Runs the chain on one tunnel request.
+/// Runs the rate limit and the chain on one tunnel request.
 pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
+    let now = Instant::now();
+    let addr = AddrKey::of(req.remote_addr.ip());
+    // In chain order: what each authorizer checks.
+    let credentials = [header(req, TOKEN_HEADER), stv_token(req)];
+    let known = credentials.iter().any(|c| app.known_good.contains(c));
+    if !known {
+        let verdict = app.auth_limiter.check(addr, now);
+        if let Verdict::Refuse { log, .. } = verdict {
+            app.metrics.agent_auth_rate_limited();
+            let retry_after = verdict.retry_after_secs();
+            if let Some(refused) = log {
+                tracing::warn!(
+                    remote = %addr,
+                    refused,
+                    retry_after,
+                    "too many failed tunnel authentications from this address: its requests are refused before any lookup (logged once a minute per address)"
+                );
+            }
+            return Err(rate_limited(addr, retry_after));
+        }
+    }
+    let result = run_chain(app, req);
+    let failure = match &result {
+        Ok((_, used)) => {
+            app.known_good.insert(credentials[*used], now);
+            None
+        }
+        Err(ChainError::Unauthorized) if credentials.iter().all(|c| c.is_empty()) => {
+            Some("missing_credentials")
+        }
+        Err(ChainError::Unauthorized | ChainError::UnknownToken) => Some("unknown_token"),
+        Err(ChainError::BadRequest(_)) => None,
+    };
+    if let Some(reason) = failure {
+        for c in credentials {
+            app.known_good.remove(c);
+        }
+        app.metrics.agent_auth_failure(reason);
+        app.auth_limiter.record_failure(addr, now);
+        app.metrics.set_auth_limit_addresses(app.auth_limiter.len());
+    }
+    result.map(|(key, _)| key).map_err(|e| match e {
+        ChainError::Unauthorized => {
+            let forwarded = header(req, "x-forwarded-for");
+            tracing::info!(remote = %req.remote_addr, forwarded, "tunnel request failed authentication");
+            Reject::Unauthorized
+        }
+        ChainError::UnknownToken => Reject::BadRequest("cluster not found".to_owned()),
+        ChainError::BadRequest(msg) => Reject::BadRequest(msg),
+    })
+}
+
+/// The answer to a request refused by the rate limit.
+///
+/// It should be `429 Too Many Requests` with `Retry-After`, but tunnel-proto's
+/// [`Reject`] offers only remotedialer's two answers; an authorizer error is a 400 with its
+/// text there (as in Go), so the text says what happened and when to retry.
+pub fn rate_limited(addr: AddrKey, retry_after_secs: u64) -> Reject {
+    Reject::BadRequest(format!(
+        "too many failed authentications from {addr}: retry after {retry_after_secs}s"
+    ))
+}
+
+/// How the chain refused a request.
+#[derive(Debug)]
+enum ChainError {
+    /// No authorizer authenticated it and none failed (401).
+    Unauthorized,
+    /// The first error was an unknown registration token (400 `cluster not found`).
+    UnknownToken,
+    /// The first error was something else (400 with this text).
+    BadRequest(String),
+}
+
+/// The chain itself: the first authorizer that authenticates wins (its key and index are
+/// returned), else the first error.
+fn run_chain(app: &App, req: &AuthRequest) -> Result<(ClientKey, usize), ChainError> {
     let mut first_error = None;
-    for authorizer in [authorize_mcm, authorize_stv] {
+    for (i, authorizer) in [authorize_mcm, authorize_stv].into_iter().enumerate() {
         match authorizer(app, req) {
             Ok(Some(key)) => {
                 // Refuse before the upgrade what the registry would refuse after it.
-                check_client_key(&key).map_err(|e| Reject::BadRequest(e.to_string()))?;
-                return Ok(key);
+                check_client_key(&key).map_err(|e| ChainError::BadRequest(e.to_string()))?;
+                return Ok((key, i));
             }
             Ok(None) => {}
-            Err(msg) => {
-                first_error.get_or_insert(msg);
+            Err(failure) => {
+                first_error.get_or_insert(failure);
             }
         }
     }
-    match first_error {
-        Some(msg) => Err(Reject::BadRequest(msg)),
-        None => {
-            let forwarded = header(req, "x-forwarded-for");
-            tracing::info!(remote = %req.remote_addr, forwarded, "tunnel request failed authentication");
-            Err(Reject::Unauthorized)
-        }
-    }
+    Err(match first_error {
+        Some(Failure::UnknownToken) => ChainError::UnknownToken,
+        Some(Failure::Other(msg)) => ChainError::BadRequest(msg),
+        None => ChainError::Unauthorized,
+    })
 }
 
 #[cfg(test)]
@@ -249,6 +352,113 @@ mod tests {
                 r#"{"cluster":{"address":"a:1","token":"t","caCert":"c"}}"#
             ))
             .is_ok()
+        );
+    }
+
+    fn app(burst: u32) -> (App, String) {
+        use crate::store::Store;
+        let store = crate::store::SqliteStore::open_in_memory().unwrap();
+        let (_, token) = store.create_cluster("c1").unwrap();
+        let app = App::new(
+            std::sync::Arc::new(store),
+            tunnel_proto::driver::registry::Registry::default(),
+            crate::app::AppConfig {
+                server_url: "https://127.0.0.1:1".to_owned(),
+                cacerts: String::new(),
+                agent_image: String::new(),
+                node_agent_image: String::new(),
+                probe_interval: std::time::Duration::from_secs(15),
+                auth_limit: crate::auth_limit::AuthLimitConfig {
+                    burst,
+                    refill_per_sec: 0.001,
+                    max_addresses: 16,
+                },
+            },
+        );
+        (app, token.token)
+    }
+
+    fn request(from: &str, headers: &[(&str, &str)]) -> AuthRequest {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        AuthRequest {
+            method: http::Method::GET,
+            uri: "/v3/connect".parse().unwrap(),
+            headers: map,
+            remote_addr: format!("{from}:40000").parse().unwrap(),
+        }
+    }
+
+    fn limited(r: &Result<ClientKey, Reject>) -> bool {
+        matches!(r, Err(Reject::BadRequest(m)) if m.starts_with("too many failed authentications"))
+    }
+
+    #[test]
+    fn only_credential_failures_take_from_the_budget() {
+        let (app, token) = app(2);
+        let cluster = b64(r#"{"cluster":{"address":"a:1","token":"t","caCert":"c"}}"#);
+        let bad_params = b64(r#"{"cluster":{}}"#);
+        let a = "192.0.2.1";
+        // A valid token with bad params: Rancher's 400, but not an authentication failure.
+        for _ in 0..10 {
+            let r = authorize(
+                &app,
+                &request(a, &[(TOKEN_HEADER, &token), (PARAMS_HEADER, &bad_params)]),
+            );
+            assert_eq!(
+                r,
+                Err(Reject::BadRequest(
+                    "invalid input, address empty".to_owned()
+                ))
+            );
+        }
+        // Two failures use the budget of 2; the third request is refused unlooked.
+        let r = authorize(&app, &request(a, &[]));
+        assert_eq!(r, Err(Reject::Unauthorized));
+        let r = authorize(
+            &app,
+            &request(a, &[(TOKEN_HEADER, "nope"), (PARAMS_HEADER, &cluster)]),
+        );
+        assert_eq!(r, Err(Reject::BadRequest("cluster not found".to_owned())));
+        assert!(limited(&authorize(&app, &request(a, &[]))));
+        // Another address is not affected.
+        assert_eq!(
+            authorize(&app, &request("192.0.2.2", &[])),
+            Err(Reject::Unauthorized)
+        );
+        // A correct token not yet seen waits too; once accepted (from elsewhere), it skips the
+        // limit at this address as well.
+        let good = [
+            (TOKEN_HEADER, token.as_str()),
+            (PARAMS_HEADER, cluster.as_str()),
+        ];
+        assert!(limited(&authorize(&app, &request(a, &good))));
+        assert!(authorize(&app, &request("192.0.2.3", &good)).is_ok());
+        assert!(authorize(&app, &request(a, &good)).is_ok());
+        // The steve bearer is a credential too.
+        let stv = format!("Bearer {STV_BEARER_PREFIX}{token}");
+        assert!(limited(&authorize(
+            &app,
+            &request(a, &[("authorization", "Bearer stv-cluster-x")])
+        )));
+        assert!(authorize(&app, &request(a, &[("authorization", &stv)])).is_ok());
+        let m = app.metrics.render(&app.registry);
+        assert!(
+            m.contains("tunnel_server_agent_auth_failures_total{reason=\"missing_credentials\"} 2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("tunnel_server_agent_auth_failures_total{reason=\"unknown_token\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("tunnel_server_agent_auth_rate_limited_total 3"),
+            "{m}"
         );
     }
 
