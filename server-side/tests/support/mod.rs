@@ -29,6 +29,8 @@ use tunnel_proto::driver::{Tunnel, pipe};
 use tunnel_proto::mux::Authorizer;
 use tunnel_proto::{Role, SessionConfig};
 
+pub mod docker;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tunnel-server");
 
 // === temp dirs ===
