@@ -140,6 +140,7 @@ impl TestServer {
                         let status = match e {
                             Reject::Unauthorized => 401,
                             Reject::BadRequest(_) => 400,
+                            Reject::TooManyRequests { .. } => 429,
                         };
                         rej.lock()
                             .unwrap()

@@ -6,8 +6,9 @@
 //! (spec §1.2, which Go agents and operators' scripts observe):
 //!
 //! 1. the [`Authorizer`]: [`Reject::Unauthorized`] → 401 `failed authentication`,
-//!    [`Reject::BadRequest`] → 400 with its message. These come **before** any websocket check, so
-//!    a plain `curl` of the mount path gets the authorizer's answer;
+//!    [`Reject::BadRequest`] → 400 with its message, [`Reject::TooManyRequests`] → 429 with
+//!    `Retry-After` (ours; remotedialer has no limit). These come **before** any websocket
+//!    check, so a plain `curl` of the mount path gets the authorizer's answer;
 //! 2. gorilla's websocket checks, in gorilla's order and with its statuses: 400 without
 //!    `Connection: upgrade`, 426 without `Upgrade: websocket`, 405 for a method other than GET,
 //!    400 for a `Sec-WebSocket-Version` other than 13 or a malformed `Sec-WebSocket-Key`;
@@ -133,7 +134,21 @@ pub enum Reject {
     Unauthorized,
     /// 400 with this text as the body (remotedialer's `err != nil`, e.g. `cluster not found`).
     BadRequest(String),
+    /// 429 with a `Retry-After` header (whole seconds, rounded up) and this text as the body: the
+    /// caller is refused before its credentials are looked at (a failed-authentication rate
+    /// limit). Go agents treat it like any other non-101 answer: logged, retried later.
+    TooManyRequests {
+        /// When the caller may try again.
+        retry_after: Duration,
+        /// The body.
+        message: String,
+    },
 }
+
+/// The TCP peer of a request, in the extensions of every request handed to the router (the
+/// application's rate limits and audit lines need it; hyper's `Request` has no peer address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// Decides whether a request to a mount path may open a tunnel, and under which key.
 ///
@@ -487,7 +502,8 @@ impl Conn {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        req.extensions_mut().insert(PeerAddr(self.remote));
         let on_mount = self
             .inner
             .config
@@ -517,6 +533,19 @@ impl Conn {
             Err(Reject::BadRequest(msg)) => {
                 tracing::debug!(remote = %self.remote, uri = %req.uri(), %msg, "tunnel request rejected");
                 return text_response(StatusCode::BAD_REQUEST, msg);
+            }
+            Err(Reject::TooManyRequests {
+                retry_after,
+                message,
+            }) => {
+                tracing::debug!(remote = %self.remote, uri = %req.uri(), ?retry_after, "tunnel request rate-limited");
+                let mut resp = text_response(StatusCode::TOO_MANY_REQUESTS, message);
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                resp.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from(secs.max(1)),
+                );
+                return resp;
             }
         };
         let accept_key = match check_websocket_request(&req) {
