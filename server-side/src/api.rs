@@ -349,7 +349,7 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
     if op == Op::OpenApi {
         return json_response(StatusCode::OK, &openapi(&app.config.server_url));
     }
-    let user = match authenticate(&app, req.headers()) {
+    let user = match authenticate(&app, &req) {
         Ok(u) => u,
         Err(resp) => return resp,
     };

@@ -3,9 +3,10 @@
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
-use tunnel_proto::driver::acceptor::{ResponseBody, full_body, text_response};
+use tunnel_proto::driver::acceptor::{PeerAddr, ResponseBody, full_body, text_response};
 
 use crate::app::App;
+use crate::auth_limit::{AddrKey, Verdict};
 use crate::store::User;
 
 /// A JSON response.
@@ -33,14 +34,58 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Why a user could not be authenticated: 401 (no or bad token) or 500 (store failure).
-pub fn authenticate(app: &App, headers: &HeaderMap) -> Result<User, Response<ResponseBody>> {
-    let Some(token) = bearer(headers) else {
+/// The user behind a request's bearer token; otherwise the response to give: 401 (no, invalid
+/// or revoked token), 429 (the address failed authentication too often, see
+/// [`crate::auth_limit`]; the same limiter as the tunnel endpoints) or 500 (store failure).
+///
+/// A missing token is not counted as a failure (it guesses nothing); an invalid one is. A token
+/// this process has accepted before skips the limit, so one client's guessing does not lock out
+/// the others behind its NAT address.
+pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Response<ResponseBody>> {
+    let Some(token) = bearer(req.headers()) else {
         return Err(unauthorized("missing bearer token"));
     };
+    let now = tokio::time::Instant::now();
+    let addr = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|p| AddrKey::of(p.0.ip()));
+    if let Some(addr) = addr.filter(|_| !app.known_good.contains(token)) {
+        let verdict = app.auth_limiter.check(addr, now);
+        if let Verdict::Refuse { log, .. } = verdict {
+            app.metrics.user_auth_rate_limited();
+            let retry_after = verdict.retry_after_secs();
+            if let Some(refused) = log {
+                tracing::warn!(
+                    remote = %addr,
+                    refused,
+                    retry_after,
+                    "too many failed API token authentications from this address: its requests are refused before any lookup (logged once a minute per address)"
+                );
+            }
+            let mut resp = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many failed authentications from {addr}: retry after {retry_after}s"),
+            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+            return Err(resp);
+        }
+    }
     match app.store.authenticate(token) {
-        Ok(Some(user)) => Ok(user),
-        Ok(None) => Err(unauthorized("invalid or revoked token")),
+        Ok(Some(user)) => {
+            app.known_good.insert(token, now);
+            Ok(user)
+        }
+        Ok(None) => {
+            app.known_good.remove(token);
+            app.metrics.user_auth_failure();
+            if let Some(addr) = addr {
+                app.auth_limiter.record_failure(addr, now);
+                app.metrics.set_auth_limit_addresses(app.auth_limiter.len());
+            }
+            Err(unauthorized("invalid or revoked token"))
+        }
         Err(err) => Err(internal(&err)),
     }
 }

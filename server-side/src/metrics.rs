@@ -20,6 +20,8 @@ pub struct Metrics {
     proxied_bytes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     agent_auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     agent_auth_rate_limited: AtomicU64,
+    user_auth_failures: AtomicU64,
+    user_auth_rate_limited: AtomicU64,
     auth_limit_addresses: AtomicU64,
 }
 
@@ -71,13 +73,23 @@ impl Metrics {
         self.agent_auth_rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A user API token (`/k8s`, `/docker`, `/v1`) was not valid.
+    pub fn user_auth_failure(&self) {
+        self.user_auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A user request was refused by the failed-authentication rate limit.
+    pub fn user_auth_rate_limited(&self) {
+        self.user_auth_rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The rate limiter tracks `n` addresses.
     pub fn set_auth_limit_addresses(&self, n: usize) {
         self.auth_limit_addresses.store(n as u64, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of these counters plus the registry's live figures.
-    pub fn render(&self, registry: &Registry) -> String {
+    pub fn render(&self, registry: &Registry, pooled_upstreams: usize) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -91,6 +103,18 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE tunnel_server_streams gauge");
         let _ = writeln!(out, "tunnel_server_streams {}", registry.stream_count());
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_upstream_pooled_connections Upstream HTTP connections kept for reuse (each holds one stream)."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tunnel_server_upstream_pooled_connections gauge"
+        );
+        let _ = writeln!(
+            out,
+            "tunnel_server_upstream_pooled_connections {pooled_upstreams}"
+        );
         let _ = writeln!(
             out,
             "# HELP tunnel_server_sessions_added_total Tunnel sessions registered."
@@ -213,6 +237,22 @@ impl Metrics {
             "tunnel_server_agent_auth_rate_limited_total {}",
             self.agent_auth_rate_limited.load(Ordering::Relaxed)
         );
+        for (name, help, value) in [
+            (
+                "tunnel_server_user_auth_failures_total",
+                "User requests (/k8s, /docker, /v1) with an invalid or revoked API token.",
+                &self.user_auth_failures,
+            ),
+            (
+                "tunnel_server_user_auth_rate_limited_total",
+                "User requests refused, before any lookup, because their address failed authentication too often.",
+                &self.user_auth_rate_limited,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP tunnel_server_auth_limit_addresses Addresses the failed-authentication rate limit tracks now."

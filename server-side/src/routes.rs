@@ -78,7 +78,10 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
         }
         (_, "/v3/connect/config") => text(StatusCode::NOT_FOUND, "404 page not found"),
         (Method::GET, "/metrics") => {
-            let mut resp = text(StatusCode::OK, app.metrics.render(&app.registry));
+            let mut resp = text(
+                StatusCode::OK,
+                app.metrics.render(&app.registry, app.upstreams.live()),
+            );
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),

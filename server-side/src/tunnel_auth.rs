@@ -274,15 +274,14 @@ pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
     })
 }
 
-/// The answer to a request refused by the rate limit.
-///
-/// It should be `429 Too Many Requests` with `Retry-After`, but tunnel-proto's
-/// [`Reject`] offers only remotedialer's two answers; an authorizer error is a 400 with its
-/// text there (as in Go), so the text says what happened and when to retry.
+/// The answer to a request refused by the rate limit: 429 with `Retry-After`.
 pub fn rate_limited(addr: AddrKey, retry_after_secs: u64) -> Reject {
-    Reject::BadRequest(format!(
-        "too many failed authentications from {addr}: retry after {retry_after_secs}s"
-    ))
+    Reject::TooManyRequests {
+        retry_after: std::time::Duration::from_secs(retry_after_secs),
+        message: format!(
+            "too many failed authentications from {addr}: retry after {retry_after_secs}s"
+        ),
+    }
 }
 
 /// How the chain refused a request.
@@ -395,7 +394,7 @@ mod tests {
     }
 
     fn limited(r: &Result<ClientKey, Reject>) -> bool {
-        matches!(r, Err(Reject::BadRequest(m)) if m.starts_with("too many failed authentications"))
+        matches!(r, Err(Reject::TooManyRequests { message, .. }) if message.starts_with("too many failed authentications"))
     }
 
     #[test]
@@ -447,7 +446,7 @@ mod tests {
             &request(a, &[("authorization", "Bearer stv-cluster-x")])
         )));
         assert!(authorize(&app, &request(a, &[("authorization", &stv)])).is_ok());
-        let m = app.metrics.render(&app.registry);
+        let m = app.metrics.render(&app.registry, app.upstreams.live());
         assert!(
             m.contains("tunnel_server_agent_auth_failures_total{reason=\"missing_credentials\"} 2"),
             "{m}"

@@ -5,9 +5,7 @@
 //! not seen yet waits like everyone else, one log line per address and window, the metrics, and
 //! normal answers once a token has refilled.
 //!
-//! The refusal is a 400 whose text names the wait, not a 429 with `Retry-After`: tunnel-proto's
-//! acceptor answers an authorizer's refusal only as 401 or 400 + text (`Reject`), see
-//! server-side/README.md.
+//! The refusal is a 429 with `Retry-After` and a text naming the wait.
 
 mod support;
 
@@ -85,15 +83,17 @@ async fn failed_authentications_are_rate_limited_per_address() {
         // The 11th is refused before any lookup, with a clear text and the wait.
         let (status, body) = refused(attempt(agent_headers(&"c".repeat(54), &cluster)).await);
         println!("11th: {status} {body:?}");
-        assert_eq!(status, 400);
+        assert_eq!(status, 429);
         assert!(body.starts_with("too many failed authentications from 127.0.0.1: retry after "), "{body}");
         let wait = retry_after(&body);
         assert!((1..=5).contains(&wait), "{body}");
         // A plain request sees the same (the limit comes before the websocket checks).
         let plain = server.client().get("/v3/connect", None).await;
         println!("plain GET: {} {:?} retry-after header: {:?}", plain.status, plain.body, plain.headers.get("retry-after"));
-        assert_eq!(plain.status, 400);
+        assert_eq!(plain.status, 429);
         assert!(plain.body.starts_with("too many failed authentications"), "{}", plain.body);
+        let header: u64 = plain.headers.get("retry-after").expect("Retry-After").to_str().unwrap().parse().unwrap();
+        assert!((1..=wait).contains(&header), "Retry-After {header}, body said {wait}");
 
         // NAT: an agent whose token was accepted before still connects (it skips the limit,
         // not the checks); a correct token the server has not accepted yet cannot be told from
@@ -106,6 +106,7 @@ async fn failed_authentications_are_rate_limited_per_address() {
             .close();
         let (status, body) = refused(attempt(agent_headers(&unseen_token, &cluster)).await);
         println!("unseen correct token while limited: {status} {body:?}");
+        assert_eq!(status, 429);
         assert!(body.starts_with("too many failed authentications"), "{body}");
 
         // Metrics: 4 without credentials, 6 unknown tokens (3 registration, 3 stv bearer), 3
@@ -144,6 +145,90 @@ async fn failed_authentications_are_rate_limited_per_address() {
         assert!(body.starts_with("too many failed authentications"), "{body}");
         // Still one line: the address is logged once per minute.
         assert_eq!(server.log().matches(LOG_LINE).count(), 1);
+    })
+    .await
+    .expect("test exceeded its bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_user_api_tokens_share_the_limit() {
+    timeout(BOUND, async {
+        let dir = TempDir::new("userlimit");
+        let server = ServerProc::start_with(
+            dir.path(),
+            &["--auth-failure-burst", "5", "--auth-failure-refill", "0.2"],
+        );
+        let http = server.client();
+        let known = add_user(dir.path(), "known", &["--admin"]);
+        let unseen = add_user(dir.path(), "unseen", &["--admin"]);
+        let (cluster_id, _, _) = add_cluster(dir.path(), "c1");
+        cli(dir.path(), &["grant", "known", "c1"]);
+
+        // A user whose token worked before the flood.
+        assert_eq!(http.get("/v1/clusters", Some(&known)).await.status, 200);
+
+        // Missing tokens guess nothing and are not counted; invalid ones are, on every route.
+        for _ in 0..8 {
+            assert_eq!(http.get("/v1/clusters", None).await.status, 401);
+        }
+        let started = Instant::now();
+        let routes = [
+            "/v1/clusters".to_owned(),
+            format!("/k8s/clusters/{cluster_id}/api"),
+            "/docker/nodes/m-x/_ping".to_owned(),
+        ];
+        for i in 0..5 {
+            let r = http.get(&routes[i % 3], Some("not-a-token")).await;
+            println!("invalid token {}: {} {}", i + 1, r.status, r.body);
+            assert_eq!(r.status, 401, "{}", r.body);
+        }
+        let r = http.get("/v1/clusters", Some("not-a-token")).await;
+        let after: u64 = r
+            .headers
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().parse().unwrap())
+            .unwrap_or(0);
+        println!("6th: {} {:?} Retry-After {after}", r.status, r.body);
+        assert_eq!(r.status, 429);
+        assert!(
+            r.body
+                .starts_with("too many failed authentications from 127.0.0.1"),
+            "{}",
+            r.body
+        );
+        assert!((1..=5).contains(&after), "Retry-After {after}");
+
+        // The known user goes on; an unseen valid token waits like everyone else here; the
+        // tunnel endpoint shares the budget.
+        let r = http
+            .get(&format!("/k8s/clusters/{cluster_id}/api"), Some(&known))
+            .await;
+        println!("known user while limited: {} {}", r.status, r.body);
+        assert_eq!(r.status, 503, "past the limit (no agent): {}", r.body);
+        let r = http.get("/v1/clusters", Some(&unseen)).await;
+        println!(
+            "unseen valid token while limited: {} {:?}",
+            r.status, r.body
+        );
+        assert_eq!(r.status, 429);
+        assert_eq!(http.get("/v3/connect", None).await.status, 429);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a token may have refilled: {:?}",
+            started.elapsed()
+        );
+
+        let metrics = http.get("/metrics", None).await.body;
+        let failures = metric(&metrics, "tunnel_server_user_auth_failures_total");
+        let limited = metric(&metrics, "tunnel_server_user_auth_rate_limited_total");
+        println!("metrics: user_auth_failures={failures} user_auth_rate_limited={limited}");
+        assert_eq!((failures, limited), (5, 2));
+
+        // After the wait: answered normally again.
+        tokio::time::sleep(Duration::from_secs(after) + Duration::from_millis(300)).await;
+        let r = http.get("/v1/clusters", Some(&unseen)).await;
+        println!("after {after}s: unseen valid token -> {}", r.status);
+        assert_eq!(r.status, 200);
     })
     .await
     .expect("test exceeded its bound");

@@ -31,7 +31,7 @@ pub async fn handle(
         req.method(),
         req.uri().path(),
     );
-    let user = match authenticate(&app, req.headers()) {
+    let user = match authenticate(&app, &req) {
         Ok(user) => user,
         Err(resp) => return audit.respond(resp),
     };
