@@ -2,9 +2,11 @@
 //! the tunnel dial and the TLS handshake (two round trips through the agent).
 //!
 //! A connection is reused only when it is idle (its last response fully read), not closed,
-//! younger than the idle timeout, and the tunnel session it was opened on is still registered
-//! and healthy: a pooled connection must not outlive the registry's protection against silent
-//! sessions (a stream through one would hang instead of failing at once). Upgrades always get a
+//! younger than the idle timeout, and the tunnel session it was opened on is the one a dial
+//! would take now (registered, healthy, the newest such): a pooled connection must not outlive
+//! the registry's protection against silent sessions (a stream through one would hang instead
+//! of failing at once), nor keep traffic on an agent's older session once it has reconnected
+//! or a newer replica has connected. Connections that fail this are dropped. Upgrades always get a
 //! fresh connection, since the connection becomes the upgraded stream.
 
 use std::collections::HashMap;
@@ -113,6 +115,9 @@ impl Pool {
         registry: &Registry,
         key: &ClientKey,
     ) -> Option<(Sender, SessionId)> {
+        // Only connections through the session a dial would take now: a newer session means
+        // the agent reconnected (its older socket may be dead) or a newer replica took over.
+        let current = current_session(registry, key);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(target)?;
         let now = Instant::now();
@@ -122,7 +127,7 @@ impl Pool {
         while let Some(entry) = list.pop() {
             let usable = !entry.sender.is_closed()
                 && now.saturating_duration_since(entry.since) <= self.idle_timeout
-                && session_healthy(registry, key, entry.session);
+                && Some(entry.session) == current;
             if !usable {
                 continue;
             }
@@ -166,6 +171,12 @@ impl Pool {
             .values()
             .map(Vec::len)
             .sum()
+    }
+
+    /// Connections held after dropping the closed and expired ones (for the metrics).
+    pub fn live(&self) -> usize {
+        self.prune();
+        self.len()
     }
 
     /// Whether the pool holds no connection.
