@@ -90,8 +90,15 @@ cleanup() {
     if [[ -n "$W" && -d "$W/pids" ]]; then
         local pf name
         # clients first (they hold streams the agents would wait for), then agents, then the server
-        for pf in $(ls "$W"/pids/*.pid 2>/dev/null | grep -v -E '/(ca[0-9]+|na[0-9]+|server)\.pid$') \
-            $(ls "$W"/pids/*.pid 2>/dev/null | grep -E '/(ca[0-9]+|na[0-9]+)\.pid$') "$W/pids/server.pid"; do
+        local clients=() agents=()
+        for pf in "$W"/pids/*.pid; do
+            case "$(basename "$pf" .pid)" in
+                server) ;;
+                ca[0-9]* | na[0-9]*) agents+=("$pf") ;;
+                *) clients+=("$pf") ;;
+            esac
+        done
+        for pf in "${clients[@]}" "${agents[@]}" "$W/pids/server.pid"; do
             [[ -e "$pf" ]] || continue
             name="$(basename "$pf" .pid)"
             if alive "$name"; then info "stopping $name (pid $(pid_of "$name"))"; fi

@@ -71,6 +71,7 @@ skip() {
     SKIPS+=("step $STEP_NO ($STEP_TITLE): $*")
 }
 
+# shellcheck disable=SC2034  # FAILED_STEP is read by run.sh's EXIT trap
 # fail "message": the current step fails; the suite stops (the EXIT trap cleans up).
 fail() {
     FAILED_STEP="step $STEP_NO ($STEP_TITLE)"
@@ -215,7 +216,8 @@ agent_streams() {
 # streams_report: "server N (P pooled), ca3 N, na2 N" for the agents alive now. The server keeps
 # idle upstream HTTP connections for reuse (60 s); each holds one stream open on its agent.
 streams_report() {
-    local out="server $(metric tunnel_server_streams) ($(metric tunnel_server_upstream_pooled_connections) pooled)" pf a
+    local out pf a
+    out="server $(metric tunnel_server_streams) ($(metric tunnel_server_upstream_pooled_connections) pooled)"
     for pf in "$W"/pids/ca*.pid "$W"/pids/na*.pid; do
         [[ -e "$pf" ]] || continue
         a="$(basename "$pf" .pid)"
