@@ -51,18 +51,7 @@ pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Respon
         .get::<PeerAddr>()
         .map(|p| AddrKey::of(p.0.ip()));
     if let Some(addr) = addr.filter(|_| !app.known_good.contains(token)) {
-        let verdict = app.auth_limiter.check(addr, now);
-        if let Verdict::Refuse { log, .. } = verdict {
-            app.metrics.user_auth_rate_limited();
-            let retry_after = verdict.retry_after_secs();
-            if let Some(refused) = log {
-                tracing::warn!(
-                    remote = %addr,
-                    refused,
-                    retry_after,
-                    "too many failed API token authentications from this address: its requests are refused before any lookup (logged once a minute per address)"
-                );
-            }
+        if let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::ApiToken) {
             let mut resp = text(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("too many failed authentications from {addr}: retry after {retry_after}s"),
@@ -88,6 +77,47 @@ pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Respon
         }
         Err(err) => Err(internal(&err)),
     }
+}
+
+/// What a rate-limited request presented, for the limiter's metrics and log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// An agent's tunnel request (`/v3/connect`).
+    Tunnel,
+    /// A user's API token (`/k8s`, `/docker`, `/v1`).
+    ApiToken,
+}
+
+/// The failed-authentication limit for a request from `addr` (see [`crate::auth_limit`]):
+/// `Err(retry_after_secs)` when it is refused, counted and logged once per address and window.
+pub fn auth_limit_gate(
+    app: &App,
+    addr: AddrKey,
+    now: tokio::time::Instant,
+    what: Credential,
+) -> Result<(), u64> {
+    let verdict = app.auth_limiter.check(addr, now);
+    let Verdict::Refuse { log, .. } = verdict else {
+        return Ok(());
+    };
+    let retry_after = verdict.retry_after_secs();
+    match what {
+        Credential::Tunnel => app.metrics.agent_auth_rate_limited(),
+        Credential::ApiToken => app.metrics.user_auth_rate_limited(),
+    }
+    if let Some(refused) = log {
+        let kind = match what {
+            Credential::Tunnel => "tunnel",
+            Credential::ApiToken => "API token",
+        };
+        tracing::warn!(
+            remote = %addr,
+            refused,
+            retry_after,
+            "too many failed {kind} authentications from this address: its requests are refused before any lookup (logged once a minute per address)"
+        );
+    }
+    Err(retry_after)
 }
 
 /// 401 with a `WWW-Authenticate` challenge.

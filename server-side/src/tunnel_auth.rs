@@ -23,7 +23,8 @@ use tunnel_proto::driver::acceptor::{AuthRequest, ClientKey, Reject};
 use tunnel_proto::driver::registry::check_client_key;
 
 use crate::app::{App, stv_key};
-use crate::auth_limit::{AddrKey, Verdict};
+use crate::auth_limit::AddrKey;
+use crate::http_util::{Credential, auth_limit_gate};
 use crate::store::{ClusterAgentReport, DEFAULT_DOCKER_SOCKET, Node, StoreError, now_unix};
 use crate::tokens;
 
@@ -228,18 +229,7 @@ pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
     let credentials = [header(req, TOKEN_HEADER), stv_token(req)];
     let known = credentials.iter().any(|c| app.known_good.contains(c));
     if !known {
-        let verdict = app.auth_limiter.check(addr, now);
-        if let Verdict::Refuse { log, .. } = verdict {
-            app.metrics.agent_auth_rate_limited();
-            let retry_after = verdict.retry_after_secs();
-            if let Some(refused) = log {
-                tracing::warn!(
-                    remote = %addr,
-                    refused,
-                    retry_after,
-                    "too many failed tunnel authentications from this address: its requests are refused before any lookup (logged once a minute per address)"
-                );
-            }
+        if let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::Tunnel) {
             return Err(rate_limited(addr, retry_after));
         }
     }
