@@ -351,12 +351,30 @@ async fn main_and_steve_tunnels_params_secret_dials_and_sigterm() {
             Some(1),
             "the keep-alive connection is open"
         );
+        // And an idle stream on the main tunnel, as a keep-alive connection the server pools:
+        // the agent closes it about 2 s into the drain (--shutdown-idle).
+        let echo = echo_service().await;
+        let mut pooled = again.tunnel.open("tcp", &echo.to_string()).unwrap();
+        pooled.write_all(b"used once").await.unwrap();
+        let mut buf = [0u8; 9];
+        pooled.read_exact(&mut buf).await.unwrap();
         let started = Instant::now();
         agent.sigterm();
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(WAIT, pooled.read_to_end(&mut rest))
+            .await
+            .expect("the idle stream was not closed");
+        println!(
+            "idle main-tunnel stream ended {:?} after SIGTERM: {end:?}",
+            started.elapsed()
+        );
+        assert!(end.is_ok() && rest.is_empty(), "{end:?} {rest:?}");
         let status = agent.wait_exit(Duration::from_secs(10)).await;
         assert!(status.success(), "exit status {status}");
         println!("exited {:?} after SIGTERM", started.elapsed());
-        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(6));
+        let line = agent.wait_log("idle streams closed during the drain").await;
+        assert!(line.contains("closed=1"), "{line}");
     })
     .await;
 }

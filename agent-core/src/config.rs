@@ -23,6 +23,16 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/rancher";
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9090";
 /// Default of `--shutdown-grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default of `--shutdown-idle`: after SIGTERM, a stream of the main tunnel that has moved no
+/// bytes for this long is closed rather than given the rest of the grace period.
+///
+/// The management server pools idle upstream HTTP/1.1 keep-alive connections for up to a
+/// minute, each holding a stream open, so without this every drain would last the whole grace.
+/// Closing an idle keep-alive connection is safe (HTTP clients retry on a closed idle
+/// connection), and an idle interactive session would be cut at the end of the grace anyway.
+/// Two seconds is far above the gap between a request and its response bytes on a working
+/// connection, and short enough that a drain with only pooled connections ends in about that.
+pub const DEFAULT_SHUTDOWN_IDLE: Duration = Duration::from_secs(2);
 /// Name of the marker file whose presence makes the agent dial `/v3/connect` without
 /// `/register`.
 pub const CONNECTED_MARKER: &str = "connected";
@@ -79,6 +89,13 @@ pub struct CommonArgs {
     #[arg(long, env = ENV_SHUTDOWN_GRACE, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
 
+    /// After SIGTERM or SIGINT, streams that have moved no bytes (either way) for this long
+    /// are closed, checked every second: idle keep-alive connections the server pools would
+    /// otherwise hold the agent for the whole grace. Streams with traffic keep the rest of
+    /// --shutdown-grace; set this at or above it to keep idle ones too. Default 2s.
+    #[arg(long, env = ENV_SHUTDOWN_IDLE, value_name = "DURATION")]
+    pub shutdown_idle: Option<String>,
+
     /// First reconnect delay; each delay is drawn from [d/2, d) and d doubles up to
     /// --backoff-max. Default 1s. (Rancher's Go agents retry every 10s, without jitter.)
     #[arg(long, env = ENV_BACKOFF_MIN, value_name = "DURATION")]
@@ -124,6 +141,7 @@ impl CommonArgs {
             (ENV_STATE_DIR, &self.state_dir),
             (ENV_HEALTH_ADDR, &self.health_addr),
             (ENV_SHUTDOWN_GRACE, &self.shutdown_grace),
+            (ENV_SHUTDOWN_IDLE, &self.shutdown_idle),
             (ENV_BACKOFF_MIN, &self.backoff_min),
             (ENV_BACKOFF_MAX, &self.backoff_max),
             (ENV_HTTP_PROXY, &self.http_proxy),
@@ -270,6 +288,8 @@ pub struct CommonConfig {
     pub health_addr: SocketAddr,
     /// Grace period for open streams after SIGTERM.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, streams idle this long are closed ([`DEFAULT_SHUTDOWN_IDLE`]).
+    pub shutdown_idle: Duration,
     /// Reconnect pacing.
     pub backoff: BackoffConfig,
     /// Proxies from the environment (Go's rules).
@@ -340,6 +360,11 @@ impl CommonConfig {
             ENV_SHUTDOWN_GRACE,
             DEFAULT_SHUTDOWN_GRACE,
         ));
+        let shutdown_idle = errs.take(parse_duration(
+            strings,
+            ENV_SHUTDOWN_IDLE,
+            DEFAULT_SHUTDOWN_IDLE,
+        ));
         let defaults = BackoffConfig::default();
         let backoff_min = errs.take(parse_duration(
             strings,
@@ -395,6 +420,7 @@ impl CommonConfig {
             agent_connect,
             health_addr,
             shutdown_grace,
+            shutdown_idle,
             proxy,
         ) {
             (
@@ -403,6 +429,7 @@ impl CommonConfig {
                 Some(agent_connect),
                 Some(health_addr),
                 Some(shutdown_grace),
+                Some(shutdown_idle),
                 Some(proxy),
             ) => Ok(Self {
                 server,
@@ -414,6 +441,7 @@ impl CommonConfig {
                 state_dir,
                 health_addr,
                 shutdown_grace,
+                shutdown_idle,
                 backoff,
                 proxy,
                 proxy_auth: crate::http::ProxyAuth::from_strings(strings),
@@ -596,6 +624,7 @@ mod tests {
             (ENV_STRICT_VERIFY, "maybe"),
             (ENV_HEALTH_ADDR, "nowhere"),
             (ENV_SHUTDOWN_GRACE, "forever"),
+            (ENV_SHUTDOWN_IDLE, "-1s"),
             (ENV_HTTPS_PROXY, "socks5://p:1080"),
         ]);
         let errs = CommonConfig::from_strings(&e).unwrap_err();
@@ -605,11 +634,12 @@ mod tests {
             ENV_STRICT_VERIFY,
             ENV_HEALTH_ADDR,
             ENV_SHUTDOWN_GRACE,
+            ENV_SHUTDOWN_IDLE,
         ] {
             assert!(errs.names(name), "{name} not reported in:\n{errs}");
         }
         assert!(errs.to_string().contains("socks5"), "{errs}");
-        assert_eq!(errs.0.len(), 6, "{errs}");
+        assert_eq!(errs.0.len(), 7, "{errs}");
     }
 
     #[test]
@@ -618,6 +648,13 @@ mod tests {
         let c = CommonConfig::from_strings(&e).unwrap();
         assert_eq!(c.health_addr.to_string(), DEFAULT_HEALTH_ADDR);
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(c.shutdown_idle, DEFAULT_SHUTDOWN_IDLE);
+        let e = env(&[
+            (ENV_SERVER, "https://r.example"),
+            (ENV_SHUTDOWN_IDLE, "500ms"),
+        ]);
+        let c = CommonConfig::from_strings(&e).unwrap();
+        assert_eq!(c.shutdown_idle, Duration::from_millis(500));
         assert!(!c.strict_verify && !c.agent_connect);
         assert_eq!(c.credentials_dir, PathBuf::from("/cattle-credentials"));
         assert_eq!(c.marker_path(), PathBuf::from("/var/lib/rancher/connected"));

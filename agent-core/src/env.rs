@@ -37,6 +37,8 @@ pub const ENV_STATE_DIR: &str = "CATTLE_AGENT_STATE_DIR";
 pub const ENV_HEALTH_ADDR: &str = "CATTLE_AGENT_HEALTH_ADDR";
 /// How long open streams may finish after SIGTERM (this project's).
 pub const ENV_SHUTDOWN_GRACE: &str = "CATTLE_AGENT_SHUTDOWN_GRACE";
+/// How long a stream may move no bytes after SIGTERM before it is closed (this project's).
+pub const ENV_SHUTDOWN_IDLE: &str = "CATTLE_AGENT_SHUTDOWN_IDLE";
 /// First reconnect delay (this project's).
 pub const ENV_BACKOFF_MIN: &str = "CATTLE_AGENT_BACKOFF_MIN";
 /// Reconnect delay cap (this project's).

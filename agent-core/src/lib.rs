@@ -15,10 +15,11 @@
 //!  runtime: TunnelSpec { url: wss://host/v3/connect[/register],
 //!                        headers: X-API-Tunnel-Token + X-API-Tunnel-Params (params),
 //!                        authorizer: allow-list (refusals logged + counted),
-//!                        handler: dial tcp/unix locally and pipe }
+//!                        handler: dial tcp/unix locally and splice, activity tracked }
 //!           connect loop (tunnel-proto run_forever) ──▶ sessions ──▶ streams
 //!                  │
-//!  health: /healthz /readyz /metrics          signal: SIGTERM ▶ drain ≤ grace ▶ exit 0
+//!  health: /healthz /readyz /metrics    signal: SIGTERM ▶ drain (idle streams closed after 2 s,
+//!                                               busy ones ≤ grace) ▶ exit 0
 //! ```
 //!
 //! **Reconnect pacing differs from Rancher's on purpose**: the Go agents retry every ~10 s,
@@ -41,6 +42,7 @@ pub mod params;
 pub mod preflight;
 pub mod runtime;
 pub mod signal;
+pub mod splice;
 
 pub use config::{CommonArgs, CommonConfig, Credentials, CredentialsPrecedence, ServerUrl};
 pub use env::{ConfigError, ConfigErrors, Strings};

@@ -12,6 +12,7 @@
 //! | `cattle_agent_streams_total` | counter | `tunnel` |
 //! | `cattle_agent_dials_total` | counter | `tunnel`, `proto`, `result` (`allowed`, `refused`) |
 //! | `cattle_agent_dial_errors_total` | counter | `tunnel`, `proto` (allowed, but the local dial failed) |
+//! | `cattle_agent_streams_closed_idle_on_drain_total` | counter | `tunnel` (closed after SIGTERM for moving no bytes) |
 //! | `cattle_agent_draining` | gauge | (1 after SIGTERM) |
 
 use std::fmt::Write as _;
@@ -41,6 +42,7 @@ pub struct TunnelMetrics {
     allowed: [AtomicU64; 4],
     refused: [AtomicU64; 4],
     dial_errors: [AtomicU64; 4],
+    closed_idle_on_drain: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +73,7 @@ impl TunnelMetrics {
             allowed: Default::default(),
             refused: Default::default(),
             dial_errors: Default::default(),
+            closed_idle_on_drain: AtomicU64::new(0),
         }
     }
 
@@ -141,6 +144,16 @@ impl TunnelMetrics {
     /// Streams being served now.
     pub fn streams_open(&self) -> i64 {
         self.streams_open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream closed during the drain because it moved no bytes.
+    pub fn stream_closed_idle_on_drain(&self) {
+        self.closed_idle_on_drain.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Streams closed during the drain because they moved no bytes.
+    pub fn closed_idle_on_drain(&self) -> u64 {
+        self.closed_idle_on_drain.load(Ordering::Relaxed)
     }
 
     /// Marks a stream as open until the guard is dropped.
@@ -222,6 +235,14 @@ impl Metrics {
         lock(&self.tunnels).iter().map(|t| t.streams_open()).sum()
     }
 
+    /// Streams every tunnel closed during the drain because they moved no bytes.
+    pub fn streams_closed_idle_on_drain(&self) -> u64 {
+        lock(&self.tunnels)
+            .iter()
+            .map(|t| t.closed_idle_on_drain())
+            .sum()
+    }
+
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let tunnels: Vec<Arc<TunnelMetrics>> = lock(&self.tunnels).clone();
@@ -290,6 +311,12 @@ impl Metrics {
             "Streams served since start.",
             per(&|t| t.streams_total.load(Ordering::Relaxed)),
         );
+        family(
+            "cattle_agent_streams_closed_idle_on_drain_total",
+            "counter",
+            "Streams closed after SIGTERM because they had moved no bytes for the idle threshold.",
+            per(&|t| t.closed_idle_on_drain()),
+        );
         let mut dials = Vec::new();
         let mut errors = Vec::new();
         for t in &tunnels {
@@ -343,6 +370,7 @@ mod tests {
         t.dial_refused("unix");
         t.dial_refused("weird");
         let g = t.stream_guard();
+        t.stream_closed_idle_on_drain();
         let text = m.render();
         assert!(
             text.contains("cattle_agent_tunnel_up{tunnel=\"main\"} 0\n"),
@@ -358,6 +386,10 @@ mod tests {
             "cattle_agent_dials_total{tunnel=\"main\",proto=\"other\",result=\"refused\"} 1\n"
         ));
         assert!(text.contains("cattle_agent_streams_open{tunnel=\"main\"} 1\n"));
+        assert!(
+            text.contains("cattle_agent_streams_closed_idle_on_drain_total{tunnel=\"main\"} 1\n")
+        );
+        assert_eq!(m.streams_closed_idle_on_drain(), 1);
         drop(g);
         assert!(
             m.render()

@@ -5,12 +5,26 @@
 //!                                        run_forever(connector) ── each websocket ──▶ session:
 //!                                          Tunnel::spawn(ws, client config, allow-list authorizer)
 //!                                          on_connect(tunnel)           (marker file, Secret, …)
-//!                                          accept() ─▶ tracker.spawn(handler(stream))
+//!                                          accept() ─▶ tracker.spawn(handler(stream, drain))
 //!                                          until the tunnel closes ─▶ Reconnect (or Stop when the
 //!                                          URL changed, e.g. /register → /v3/connect, or draining)
+//!  main tunnel's handler: dial_and_pipe ─▶ dial tcp/unix locally ─▶ splice_draining(stream,
+//!                         socket): both ways, each local read/write stamps the stream's Activity
 //!  run_until_signal: SIGTERM/SIGINT ─▶ draining (authorizers refuse, /readyz 503, handlers told)
-//!                    ─▶ wait for open streams ≤ grace ─▶ close tunnels ─▶ return (exit 0)
+//!                    ─▶ main-tunnel streams check every 1 s: idle ≥ --shutdown-idle (2 s) ─▶
+//!                       closed and counted; moving bytes ─▶ go on
+//!                    ─▶ wait for open streams ≤ grace ─▶ log the idle closes ─▶ close tunnels
+//!                    ─▶ return (exit 0)
 //! ```
+//!
+//! **Idle streams are closed during the drain**: the management server pools idle HTTP/1.1
+//! keep-alive connections for up to a minute, each holding a stream open, so waiting for every
+//! stream would make every drain last the whole grace. A stream that has moved no bytes for
+//! `--shutdown-idle` ([`DEFAULT_SHUTDOWN_IDLE`](crate::config::DEFAULT_SHUTDOWN_IDLE)) is closed
+//! (see [`crate::splice`] for what counts as idle); one with traffic keeps the rest of the
+//! grace. The closes are counted (`cattle_agent_streams_closed_idle_on_drain_total`) and logged
+//! once per drain. Other handlers get the drain token and wind down themselves (the steve
+//! tunnel's HTTP server closes its idle connections gracefully).
 //!
 //! The connect loop is tunnel-proto's `run_forever`: jittered exponential backoff between
 //! attempts (defaults 1 s doubling to 30 s, reset after a minute up), where Rancher's Go agents
@@ -31,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use tunnel_proto::driver::connector::{
     Connector, ConnectorConfig, RunEnd, SessionEnd, Trust, run_forever,
 };
-use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Stream, Tunnel, pipe, websocket_config};
+use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Stream, Tunnel, websocket_config};
 use tunnel_proto::{Role, SessionConfig};
 
 use crate::allow::{AllowList, authorizer};
@@ -39,6 +53,7 @@ use crate::config::{CommonConfig, Credentials};
 use crate::env::ConfigError;
 use crate::metrics::{Metrics, TunnelMetrics};
 use crate::params::{PARAMS_HEADER, TOKEN_HEADER, encode_params};
+use crate::splice::{SpliceEnd, splice_draining};
 
 /// A boxed, sendable unit future.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -198,7 +213,9 @@ impl Runtime {
     }
 
     /// Drains and stops: new Connects are refused, open streams get the grace period (or until
-    /// `hurry` resolves, e.g. a second signal), then every tunnel is closed.
+    /// `hurry` resolves, e.g. a second signal), then every tunnel is closed. Handlers see the
+    /// drain token fire at the start; the main tunnel's close their idle streams then (see the
+    /// module docs).
     pub async fn shutdown(&self, hurry: impl Future) {
         self.metrics.set_draining();
         self.drain.cancel();
@@ -217,6 +234,11 @@ impl Runtime {
             ),
             _ = hurry => tracing::warn!("second signal; not waiting any longer"),
         }
+        // The stream handlers closed these themselves (see `dial_and_pipe`); one line per drain.
+        tracing::info!(
+            closed = self.metrics.streams_closed_idle_on_drain(),
+            "idle streams closed during the drain"
+        );
         let loops: Vec<LoopHandle> =
             std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
         for l in &loops {
@@ -420,9 +442,10 @@ pub fn main_tunnel(
         })
     });
     let list = allow.clone();
-    let handler: StreamHandler = Arc::new(move |stream, metrics, _drain| {
+    let idle_after = common.shutdown_idle;
+    let handler: StreamHandler = Arc::new(move |stream, metrics, drain| {
         let list = list.clone();
-        Box::pin(async move { dial_and_pipe(stream, &list, &metrics).await })
+        Box::pin(async move { dial_and_pipe(stream, &list, &metrics, &drain, idle_after).await })
     });
     Ok(TunnelSpec {
         name: "main",
@@ -458,8 +481,16 @@ pub const LOCAL_DIAL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves a stream of the main tunnel: dials its target locally (the allow-list already said
 /// yes) and splices the two until either ends. A failed dial is answered with an Error carrying
-/// the dial error, as Go does.
-pub async fn dial_and_pipe(stream: Stream, allow: &AllowList, metrics: &TunnelMetrics) {
+/// the dial error, as Go does. Once `drain` fires, the stream is closed as soon as it has moved
+/// no bytes for `idle_after` (checked every [`DRAIN_IDLE_CHECK`](crate::splice::DRAIN_IDLE_CHECK))
+/// and counted in `metrics`; with traffic it goes on until it ends or the grace is over.
+pub async fn dial_and_pipe(
+    stream: Stream,
+    allow: &AllowList,
+    metrics: &TunnelMetrics,
+    drain: &CancellationToken,
+    idle_after: Duration,
+) {
     let target = stream.target().clone();
     let result = match target.proto.as_str() {
         "tcp" => {
@@ -468,7 +499,7 @@ pub async fn dial_and_pipe(stream: Stream, allow: &AllowList, metrics: &TunnelMe
             {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
-                    Ok(pipe(stream, tcp).await)
+                    Ok(splice_draining(stream, tcp, drain, idle_after).await)
                 }
                 Ok(Err(e)) => Err((stream, format!("dial tcp {}: {e}", target.address))),
                 Err(_) => Err((stream, format!("dial tcp {}: i/o timeout", target.address))),
@@ -479,7 +510,7 @@ pub async fn dial_and_pipe(stream: Stream, allow: &AllowList, metrics: &TunnelMe
                 .unix_path(&target.address)
                 .map_or_else(|| PathBuf::from(&target.address), |p| p.to_path_buf());
             match tokio::time::timeout(LOCAL_DIAL_TIMEOUT, UnixStream::connect(&path)).await {
-                Ok(Ok(sock)) => Ok(pipe(stream, sock).await),
+                Ok(Ok(sock)) => Ok(splice_draining(stream, sock, drain, idle_after).await),
                 Ok(Err(e)) => Err((stream, format!("dial unix {}: {e}", path.display()))),
                 Err(_) => Err((stream, format!("dial unix {}: i/o timeout", path.display()))),
             }
@@ -493,13 +524,19 @@ pub async fn dial_and_pipe(stream: Stream, allow: &AllowList, metrics: &TunnelMe
         )),
     };
     match result {
-        Ok(Ok(stats)) => tracing::debug!(
+        Ok(SpliceEnd::Done(Ok(stats))) => tracing::debug!(
             %target,
             to_local = stats.to_local,
             to_tunnel = stats.to_tunnel,
             "stream done"
         ),
-        Ok(Err(error)) => tracing::debug!(%target, %error, "stream ended with an error"),
+        Ok(SpliceEnd::Done(Err(error))) => {
+            tracing::debug!(%target, %error, "stream ended with an error")
+        }
+        Ok(SpliceEnd::ClosedIdle(idle)) => {
+            metrics.stream_closed_idle_on_drain();
+            tracing::debug!(%target, ?idle, "closed during the drain: no bytes moved");
+        }
         Err((stream, error)) => {
             metrics.dial_error(&target.proto);
             tracing::warn!(%target, %error, "local dial failed");

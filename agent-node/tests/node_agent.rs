@@ -203,6 +203,112 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_streams_while_busy_ones_finish() {
+    bounded(60, async {
+        let mut server = TestServer::start(ServerOptions::default()).await;
+        let echo = echo_service().await;
+        let dir = temp_dir();
+        let mut env = node_env(&server, dir.path());
+        env.insert("CATTLE_AGENT_SHUTDOWN_GRACE".into(), "20s".into());
+        let mut agent = AgentProcess::spawn(BIN, &env, &[]);
+        let t = server.next_tunnel().await;
+        let mut buf = [0u8; 8];
+        let open = |name: &'static [u8; 8]| {
+            let mut s = t.tunnel.open("tcp", &echo.to_string()).unwrap();
+            async move {
+                s.write_all(name).await.unwrap();
+                let mut b = [0u8; 8];
+                tokio::io::AsyncReadExt::read_exact(&mut s, &mut b)
+                    .await
+                    .unwrap();
+                assert_eq!(&b, name);
+                s
+            }
+        };
+        // As the server's pooled keep-alive connections: opened, used, then left alone.
+        let mut idle = open(b"idle-one").await;
+        let mut busy = open(b"busy-one").await;
+        let m = agent.metrics().await;
+        assert_eq!(
+            metric(&m, r#"cattle_agent_streams_open{tunnel="main"}"#),
+            Some(2)
+        );
+
+        let started = Instant::now();
+        agent.sigterm();
+        let idle_end = tokio::spawn(async move {
+            let mut b = [0u8; 8];
+            let r = tokio::io::AsyncReadExt::read(&mut idle, &mut b).await;
+            (r.map_err(|e| e.kind()), started.elapsed())
+        });
+        // The busy stream moves a chunk every 200 ms for 4 s, all echoed.
+        for i in 0..20u8 {
+            busy.write_all(&[i; 8]).await.unwrap();
+            tokio::io::AsyncReadExt::read_exact(&mut busy, &mut buf)
+                .await
+                .unwrap();
+            assert_eq!(buf, [i; 8], "chunk {i} at {:?}", started.elapsed());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!(
+            "20 chunks echoed over {:?} after SIGTERM",
+            started.elapsed()
+        );
+        let (end, at) = idle_end.await.unwrap();
+        println!("the idle stream ended {at:?} after SIGTERM: {end:?}");
+        assert_eq!(end, Ok(0), "a graceful end (EOF)");
+        assert!(at >= Duration::from_millis(1500), "{at:?}");
+        assert!(at < Duration::from_secs(4), "{at:?}");
+        assert!(agent.try_exit().is_none(), "exited with a busy stream open");
+
+        drop(busy);
+        let status = agent.wait_exit(Duration::from_secs(10)).await;
+        assert!(status.success(), "exit status {status}");
+        let took = started.elapsed();
+        println!("exited {took:?} after SIGTERM (grace 20s)");
+        assert!(took < Duration::from_secs(8), "{took:?}");
+        let line = agent.wait_log("idle streams closed during the drain").await;
+        assert!(line.contains("closed=1"), "{line}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_only_idle_streams_exits_in_about_two_seconds() {
+    bounded(60, async {
+        let mut server = TestServer::start(ServerOptions::default()).await;
+        let echo = echo_service().await;
+        let dir = temp_dir();
+        let mut env = node_env(&server, dir.path());
+        env.insert("CATTLE_AGENT_SHUTDOWN_GRACE".into(), "30s".into());
+        let mut agent = AgentProcess::spawn(BIN, &env, &[]);
+        let t = server.next_tunnel().await;
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let mut s = t.tunnel.open("tcp", &echo.to_string()).unwrap();
+            s.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut s, &mut b)
+                .await
+                .unwrap();
+            streams.push(s);
+        }
+        let started = Instant::now();
+        agent.sigterm();
+        let status = agent.wait_exit(Duration::from_secs(10)).await;
+        assert!(status.success(), "exit status {status}");
+        let took = started.elapsed();
+        println!("exited {took:?} after SIGTERM with 3 idle streams (grace 30s)");
+        assert!(took >= Duration::from_millis(1500), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let line = agent.wait_log("idle streams closed during the drain").await;
+        assert!(line.contains("closed=3"), "{line}");
+        drop(streams);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_grace_period_runs_out_and_still_exits_zero() {
     bounded(60, async {
         let mut server = TestServer::start(ServerOptions::default()).await;
@@ -394,6 +500,7 @@ fn help_documents_every_variable() {
         "NO_PROXY",
         "CATTLE_AGENT_HEALTH_ADDR",
         "CATTLE_AGENT_SHUTDOWN_GRACE",
+        "CATTLE_AGENT_SHUTDOWN_IDLE",
     ] {
         assert!(help.contains(name), "{name} missing from --help");
     }
