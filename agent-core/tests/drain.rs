@@ -19,13 +19,14 @@ use agent_core::CommonConfig;
 use agent_core::allow::AllowList;
 use agent_core::config::{Credentials, DEFAULT_SHUTDOWN_IDLE};
 use agent_core::runtime::{Runtime, connector_config, main_headers, main_tunnel};
-use agent_core::splice::{SpliceEnd, splice, splice_draining};
+use agent_core::splice::{Activity, SpliceEnd, Tracked, splice_draining};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::driver::Tunnel;
 use tunnel_proto::driver::connector::Connector;
+use tunnel_proto::driver::pipe;
 use tunnel_proto::{Role, SessionConfig};
 
 async fn bounded<F: std::future::Future>(secs: u64, f: F) -> F::Output {
@@ -171,7 +172,10 @@ async fn splice_moves_bytes_both_ways_under_back_pressure() {
             .unwrap();
         let stream = agent.accept().await.expect("stream");
         let tcp = TcpStream::connect(local_addr).await.unwrap();
-        let spliced = tokio::spawn(splice(stream, tcp));
+        let spliced = tokio::spawn(async move {
+            let activity = Activity::new();
+            pipe(stream, Tracked::new(tcp, &activity)).await
+        });
 
         let (mut rr, mut rw) = tokio::io::split(&mut remote);
         let send = async {
@@ -184,7 +188,7 @@ async fn splice_moves_bytes_both_ways_under_back_pressure() {
         };
         let ((), got_remote) = tokio::join!(send, recv);
         println!(
-            "8 MiB each way through the splice in {:?}",
+            "8 MiB each way through pipe over Tracked in {:?}",
             started.elapsed()
         );
         assert!(got_remote == from_local, "local -> tunnel bytes differ");
@@ -218,7 +222,8 @@ async fn local_end_closes_the_stream_after_its_bytes() {
         let mut remote = accepted.tunnel.open("tcp", &addr.to_string()).unwrap();
         let stream = agent.accept().await.unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let stats = splice(stream, tcp).await.unwrap();
+        let activity = Activity::new();
+        let stats = pipe(stream, Tracked::new(tcp, &activity)).await.unwrap();
         assert!(stats.local_ended);
         assert_eq!(stats.to_tunnel, 10);
         let (got, error) = read_to_end_or_error(&mut remote).await;

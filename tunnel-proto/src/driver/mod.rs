@@ -37,7 +37,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
-pub use pipe::{PipeStats, pipe};
+pub use pipe::{LocalSocket, PipeStats, pipe};
 pub use stream::Stream;
 
 use crate::config::SessionConfig;
