@@ -11,6 +11,7 @@ command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz missing (cargo inst
 for target in $(cargo +nightly fuzz list); do
   log="$(mktemp)"
   if ! cargo +nightly fuzz run -O "$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 >"$log" 2>&1; then
+    grep -v '^#[0-9]' "$log" | grep -B2 -A6 -m1 'panicked' || true
     tail -40 "$log"; echo "fuzz: $target FAILED (artifact in tunnel-proto/fuzz/artifacts/$target)"; exit 1
   fi
   echo "fuzz: $target ran clean for ${seconds}s: $(grep -E '^Done [0-9]+ runs' "$log")"

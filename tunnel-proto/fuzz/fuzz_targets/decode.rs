@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let (Body::Connect(a), Body::Connect(b)) = (&message.body, &again.body) {
         assert_eq!(a.proto, b.proto);
-        assert!(a.address.starts_with(&b.address), "{a:?} vs {b:?}");
+        // A lossily grown address cut at the window can end inside a character, which the
+        // second decode turns into U+FFFD: what precedes it must be a prefix.
+        let kept = if grown_connect { b.address.trim_end_matches('\u{FFFD}') } else { &b.address };
+        assert!(a.address.starts_with(kept), "{a:?} vs {b:?}");
         return;
     }
     assert_eq!(again, message);
