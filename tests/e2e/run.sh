@@ -502,6 +502,21 @@ jq -c '{major, minor, gitVersion, goVersion, platform}' <"$W/version.json" | ind
 [[ "$(jq -r .gitVersion "$W/version.json")" == v1.37.* ]] || fail "unexpected version"
 kc alice get --raw "/api/v1/namespaces/e2e-bulk/configmaps?limit=1" | jq -c '{kind, items: [.items[].metadata.name], continue: (.metadata.continue != null)}' | indent
 
+step "kubectl apply --dry-run=server of the project's deploy/ manifests, through the server"
+# As the server's admin user, bound to cluster-admin downstream (alice's role cannot create
+# RBAC objects). Server-side dry-run does not create namespaces: tunnel-system is created first.
+kd create clusterrolebinding e2e-admin-cluster-admin --clusterrole=cluster-admin --user=e2e-admin | indent
+ts kubeconfig e2e-downstream --user e2e-admin >"$W/e2e-admin.kubeconfig"
+chmod 600 "$W/e2e-admin.kubeconfig"
+kc e2e-admin apply -f "$REPO/deploy/server/namespace.yaml" | indent
+kc e2e-admin apply -k "$REPO/deploy/server" --dry-run=server --validate=strict 2>&1 | indent
+kc e2e-admin apply -f "$W/import.yaml" --dry-run=server --validate=strict 2>&1 | indent
+n_server="$(kc e2e-admin apply -k "$REPO/deploy/server" --dry-run=server -o name | wc -l)"
+n_import="$(kc e2e-admin apply -f "$W/import.yaml" --dry-run=server -o name | wc -l)"
+info "accepted by the downstream apiserver: $n_server objects of deploy/server (kustomize), $n_import of the served import manifest"
+((n_server >= 6 && n_import >= 10)) || fail "expected at least 6 + 10 objects"
+ok "deploy/ manifests validate against the real apiserver through the tunnel"
+
 step "Debian's kubectl ($(kubectl version --client -o json 2>/dev/null | jq -r .clientVersion.gitVersion)) with the same kubeconfig"
 kc_distro alice get ns --no-headers | wc -l | xargs -I{} echo "        get ns: {} namespaces"
 kc_distro alice -n e2e-bulk get cm cm-00042 -o jsonpath='{.data.index}{"\n"}' | sed 's/^/        get cm cm-00042: index=/'
