@@ -15,7 +15,7 @@ use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 use super::pool::current_session;
 use super::{Audit, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
-use crate::http_util::{authenticate, internal, text};
+use crate::http_util::{internal, text};
 
 /// Serves one request for node `node_id`; `rest` is the path after the prefix.
 pub async fn handle(
@@ -24,18 +24,10 @@ pub async fn handle(
     node_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let mut audit = Audit::new(
-        app.clone(),
-        "docker",
-        node_id,
-        req.method(),
-        req.uri().path(),
-    );
-    let user = match authenticate(&app, &req) {
-        Ok(user) => user,
-        Err(resp) => return audit.respond(resp),
+    let (audit, user) = match Audit::authenticate(&app, &req, "docker", node_id) {
+        Ok(started) => started,
+        Err(resp) => return resp,
     };
-    audit.set_user(&user.name);
     let mut nodes = match app.store.nodes_named(node_id) {
         Ok(nodes) => nodes,
         Err(err) => return audit.respond(internal(&err)),

@@ -19,7 +19,7 @@ use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 use super::pool::current_session;
 use super::{Audit, Fresh, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
-use crate::http_util::{authenticate, internal, text};
+use crate::http_util::{internal, text};
 use crate::store::Cluster;
 
 /// Bound on the TLS handshake with the apiserver through the tunnel.
@@ -33,18 +33,10 @@ pub async fn handle(
     cluster_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let mut audit = Audit::new(
-        app.clone(),
-        "k8s",
-        cluster_id,
-        req.method(),
-        req.uri().path(),
-    );
-    let user = match authenticate(&app, &req) {
-        Ok(user) => user,
-        Err(resp) => return audit.respond(resp),
+    let (audit, user) = match Audit::authenticate(&app, &req, "k8s", cluster_id) {
+        Ok(started) => started,
+        Err(resp) => return resp,
     };
-    audit.set_user(&user.name);
     let cluster = match app.store.cluster(cluster_id) {
         Ok(Some(c)) => c,
         Ok(None) => {

@@ -136,6 +136,24 @@ impl Audit {
         }
     }
 
+    /// Starts the record of a proxied request and authenticates its user: the audit record
+    /// (naming the user) and the user, or the response already given (401, 429, 500).
+    pub fn authenticate<B>(
+        app: &SharedApp,
+        req: &Request<B>,
+        kind: &'static str,
+        target: &str,
+    ) -> Result<(Self, crate::store::User), Response<ResponseBody>> {
+        let mut audit = Self::new(app.clone(), kind, target, req.method(), req.uri().path());
+        match crate::http_util::authenticate(app, req) {
+            Ok(user) => {
+                audit.set_user(&user.name);
+                Ok((audit, user))
+            }
+            Err(resp) => Err(audit.respond(resp)),
+        }
+    }
+
     /// Names the authenticated user.
     pub fn set_user(&mut self, user: &str) {
         user.clone_into(&mut self.user);
