@@ -19,6 +19,8 @@
 //!   `max_error_body` bytes of the body, because that text (`failed authentication`,
 //!   `cluster not found`) is what an operator needs.
 //! * Reconnection: [`run_forever`] with [`BackoffConfig`], counted in [`ConnectorStats`].
+//! * Headers that change while the loop runs (the cluster agent's params when its reported
+//!   token changes): [`SharedHeaders`], read afresh on every attempt.
 
 mod backoff;
 mod http1;
@@ -94,6 +96,7 @@ pub struct ConnectorConfig {
     max_error_body: usize,
     websocket: WebSocketConfig,
     backoff: BackoffConfig,
+    shared_headers: Option<SharedHeaders>,
 }
 
 impl ConnectorConfig {
@@ -109,6 +112,7 @@ impl ConnectorConfig {
             max_error_body: DEFAULT_MAX_ERROR_BODY,
             websocket: WebSocketConfig::default(),
             backoff: BackoffConfig::default(),
+            shared_headers: None,
         }
     }
 
@@ -117,6 +121,13 @@ impl ConnectorConfig {
     /// Default: none.
     pub fn set_headers(&mut self, headers: HeaderMap) -> &mut Self {
         self.headers = headers;
+        self
+    }
+
+    /// Headers read afresh on every attempt, sent after (and replacing same-named) ones of
+    /// [`set_headers`](Self::set_headers). Default: none.
+    pub fn set_shared_headers(&mut self, headers: SharedHeaders) -> &mut Self {
+        self.shared_headers = Some(headers);
         self
     }
 
@@ -164,6 +175,87 @@ impl ConnectorConfig {
     /// See [`set_backoff`](Self::set_backoff).
     pub fn backoff(&self) -> &BackoffConfig {
         &self.backoff
+    }
+}
+
+fn check_headers(headers: &HeaderMap) -> Result<(), ConfigError> {
+    for name in headers.keys() {
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(ConfigError::ReservedHeader(name.as_str().to_owned()));
+        }
+    }
+    Ok(())
+}
+
+// === impl SharedHeaders ===
+
+/// Upgrade headers that can be replaced while [`run_forever`] keeps dialing: each attempt
+/// sends the latest set. Clones share one set.
+///
+/// [`replace`](Self::replace) bumps a generation; each attempt records the generation it
+/// sent, so a session can tell whether it was dialed with the latest headers
+/// ([`is_stale`](Self::is_stale)) when a replace raced with its dial.
+#[derive(Clone, Default)]
+pub struct SharedHeaders(Arc<SharedHeadersInner>);
+
+#[derive(Default)]
+struct SharedHeadersInner {
+    headers: std::sync::Mutex<(u64, HeaderMap)>,
+    sent: AtomicU64,
+}
+
+impl std::fmt::Debug for SharedHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values may be credentials: names only.
+        let guard = self.lock();
+        f.debug_struct("SharedHeaders")
+            .field("generation", &guard.0)
+            .field("names", &guard.1.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl SharedHeaders {
+    /// A set holding `headers` (generation 0).
+    pub fn new(headers: HeaderMap) -> Self {
+        let shared = Self::default();
+        shared.lock().1 = headers;
+        shared
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HeaderMap)> {
+        self.0.headers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current headers.
+    pub fn get(&self) -> HeaderMap {
+        self.lock().1.clone()
+    }
+
+    /// Replaces the set for the next attempts (a connected session keeps what it was dialed
+    /// with). Refuses headers the websocket handshake owns, leaving the set as it was.
+    pub fn replace(&self, headers: HeaderMap) -> Result<(), ConfigError> {
+        check_headers(&headers)?;
+        let mut guard = self.lock();
+        guard.0 += 1;
+        guard.1 = headers;
+        Ok(())
+    }
+
+    /// Bumped by each [`replace`](Self::replace).
+    pub fn generation(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// Whether the last attempt sent an older set than the current one.
+    pub fn is_stale(&self) -> bool {
+        self.0.sent.load(Ordering::SeqCst) != self.generation()
+    }
+
+    fn take_for_attempt(&self) -> HeaderMap {
+        let guard = self.lock();
+        self.0.sent.store(guard.0, Ordering::SeqCst);
+        guard.1.clone()
     }
 }
 
@@ -415,10 +507,9 @@ impl Connector {
     /// for a [`Trust::PinnedCa`] whose PEM does not hash to the checksum.
     pub fn new(config: ConnectorConfig) -> Result<Self, ConfigError> {
         let target = Target::parse(&config.url)?;
-        for name in config.headers.keys() {
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(ConfigError::ReservedHeader(name.as_str().to_owned()));
-            }
+        check_headers(&config.headers)?;
+        if let Some(shared) = &config.shared_headers {
+            check_headers(&shared.get())?;
         }
         let tls = if target.tls {
             Some(tokio_rustls::TlsConnector::from(tls::client_config(
@@ -518,8 +609,16 @@ impl Connector {
     ) -> Result<WebSocketStream<BoxedIo>, ConnectError> {
         let t = &*self.target;
         let key = generate_key();
+        let mut headers = self.config.headers.clone();
+        if let Some(shared) = &self.config.shared_headers {
+            for (name, value) in shared.take_for_attempt() {
+                if let Some(name) = name {
+                    headers.insert(name, value);
+                }
+            }
+        }
         let mut req = format!("GET {} HTTP/1.1\r\n", t.path_and_query);
-        if !self.config.headers.contains_key(http::header::HOST) {
+        if !headers.contains_key(http::header::HOST) {
             req.push_str(&format!("Host: {}\r\n", t.host_header));
         }
         req.push_str(&format!(
@@ -527,7 +626,7 @@ impl Connector {
              Sec-WebSocket-Version: 13\r\n"
         ));
         let mut bytes = req.into_bytes();
-        for (name, value) in &self.config.headers {
+        for (name, value) in &headers {
             bytes.extend_from_slice(name.as_str().as_bytes());
             bytes.extend_from_slice(b": ");
             bytes.extend_from_slice(value.as_bytes());
@@ -732,6 +831,71 @@ mod tests {
         assert_eq!(t.path_and_query, "/");
         assert!(Target::parse("https://x/").is_err());
         assert!(Target::parse("wss://u:p@x/").is_err());
+    }
+
+    #[tokio::test]
+    async fn shared_headers_are_read_on_every_attempt() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    assert_eq!(tcp.read(&mut byte).await.unwrap(), 1);
+                    head.push(byte[0]);
+                }
+                tcp.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+                    .await
+                    .unwrap();
+                heads.push(String::from_utf8(head).unwrap().to_ascii_lowercase());
+            }
+            heads
+        });
+        let header = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-api-tunnel-params", v.parse().unwrap());
+            h
+        };
+        let shared = SharedHeaders::new(header("first"));
+        let mut cfg = ConnectorConfig::new(format!("ws://{addr}/v3/connect"));
+        cfg.set_headers(header("static"))
+            .set_shared_headers(shared.clone());
+        let c = Connector::new(cfg).unwrap();
+        assert!(c.connect().await.is_err());
+        assert!(!shared.is_stale());
+        shared.replace(header("second")).unwrap();
+        assert!(shared.is_stale(), "replaced after the attempt");
+        let mut reserved = HeaderMap::new();
+        reserved.insert("upgrade", "x".parse().unwrap());
+        assert!(shared.replace(reserved).is_err());
+        assert!(c.connect().await.is_err());
+        assert!(!shared.is_stale());
+        let heads = heads.await.unwrap();
+        assert!(
+            heads[0].contains("x-api-tunnel-params: first\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[1].contains("x-api-tunnel-params: second\r\n"),
+            "{}",
+            heads[1]
+        );
+        for head in &heads {
+            assert!(
+                !head.contains("static"),
+                "the shared value replaces the static one"
+            );
+            assert_eq!(head.matches("x-api-tunnel-params").count(), 1);
+        }
+        assert!(
+            !format!("{shared:?}").contains("second"),
+            "values stay out of Debug"
+        );
     }
 
     #[test]
