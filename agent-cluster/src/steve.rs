@@ -80,6 +80,7 @@ pub fn steve_tunnel(
         connector,
         allow: AllowList::All,
         handler,
+        connected_marker: None,
         on_connect: None,
     })
 }

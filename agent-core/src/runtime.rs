@@ -31,7 +31,7 @@
 //! wait a fixed ~10 s.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,7 +84,11 @@ pub struct TunnelSpec {
     pub allow: AllowList,
     /// How each stream is served.
     pub handler: StreamHandler,
-    /// Run on each connect.
+    /// Touched on each connect before the tunnel counts as up, so that once `/readyz` answers
+    /// 200 the marker exists (Rancher's agent writes its `connected` file the same way, before
+    /// the session serves).
+    pub connected_marker: Option<PathBuf>,
+    /// Run on each connect, concurrently with the session.
     pub on_connect: Option<OnConnect>,
 }
 
@@ -311,6 +315,9 @@ async fn tunnel_loop(spec: TunnelSpec, ctx: LoopCtx) {
                 let tunnel =
                     Tunnel::spawn(ws, SessionConfig::new(Role::Client), authorizer.clone());
                 let _close = CloseOnDrop(tunnel.clone());
+                if let Some(marker) = &spec.connected_marker {
+                    touch_marker(marker);
+                }
                 ctx.tunnel_metrics.session_started(&tunnel);
                 if let Some(hook) = &spec.on_connect {
                     tokio::spawn(hook(tunnel.clone()));
@@ -404,7 +411,7 @@ pub fn main_tunnel(
     params: &serde_json::Value,
     trust: Trust,
     allow: AllowList,
-    extra_on_connect: Option<OnConnect>,
+    on_connect: Option<OnConnect>,
 ) -> Result<TunnelSpec, ConfigError> {
     let headers = main_headers(&credentials.token, params)?;
     // Built once up front so configuration errors surface before the loop starts.
@@ -430,17 +437,6 @@ pub fn main_tunnel(
             }
         })
     });
-    let marker = common.marker_path();
-    let on_connect: OnConnect = Arc::new(move |tunnel: Tunnel| {
-        let marker = marker.clone();
-        let extra = extra_on_connect.clone();
-        Box::pin(async move {
-            touch_marker(&marker);
-            if let Some(extra) = extra {
-                extra(tunnel).await;
-            }
-        })
-    });
     let list = allow.clone();
     let idle_after = common.shutdown_idle;
     let handler: StreamHandler = Arc::new(move |stream, metrics, drain| {
@@ -453,11 +449,12 @@ pub fn main_tunnel(
         connector,
         allow,
         handler,
-        on_connect: Some(on_connect),
+        connected_marker: Some(common.marker_path()),
+        on_connect: on_connect,
     })
 }
 
-fn touch_marker(path: &PathBuf) {
+fn touch_marker(path: &Path) {
     if let Some(dir) = path.parent()
         && let Err(error) = std::fs::create_dir_all(dir)
     {
