@@ -5,6 +5,9 @@
 //!   session core (`Serve`, `clientConnect`, `addRemoteClient`, `removeRemoteClient`,
 //!   `syncConnections`), for the kind of session the vector names; and the session lives on.
 //! - `tolerated`: accepted, with the behaviour the vector lists.
+//! - `websocket_level`: gorilla's frame-level behaviour, against a real tunnel from a raw peer
+//!   (fragmented and huge messages reassembled, empty Pongs count, Close echoed, bad frames end
+//!   the session with a typed error; nothing this side sends would trip a Go peer).
 //!
 //! The file is found through `TUNNEL_SPEC_DIR`, or as `shared/spec` beside the project root.
 
@@ -479,5 +482,377 @@ fn check_behaviour(
             }
         }
         other => panic!("{name}: unhandled outcome {other}"),
+    }
+}
+
+// === websocket_level ===
+//
+// Frame-level vectors: how gorilla/websocket (under a Go peer) treats frames. Each entry is
+// checked against a real tunnel (the driver over tungstenite) from a raw peer that writes the
+// vector's frame bytes and parses every frame the tunnel sends back, both ways that matter:
+// what this side does with the frame, and that nothing it sends would trip the Go behaviour
+// (no Text, no RSV bits, masked exactly when it is the client, Close only when ending).
+
+mod websocket_level {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+    use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Tunnel, websocket_config};
+    use tunnel_proto::mux::SessionError;
+
+    /// The leading hex bytes of a `frames_hex` entry, and whether a mask key follows
+    /// (`MMMMMMMM`). What comes after (`<...>`, `..`) is the payload the check supplies.
+    fn frame_head(entry: &Value) -> (Vec<u8>, bool) {
+        let mut head = Vec::new();
+        for token in entry.as_str().expect("frame string").split_whitespace() {
+            if token == "MMMMMMMM" {
+                return (head, true);
+            }
+            match u8::from_str_radix(token, 16) {
+                Ok(b) if token.len() == 2 => head.push(b),
+                _ => break,
+            }
+        }
+        (head, false)
+    }
+
+    fn frames(case: &Value) -> Vec<(Vec<u8>, bool)> {
+        case["frames_hex"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(frame_head)
+            .collect()
+    }
+
+    /// One frame: the vector's head, then (if masked) a key, then the payload masked with it.
+    fn frame(head: &[u8], masked: bool, payload: &[u8]) -> Vec<u8> {
+        let mut out = head.to_vec();
+        if masked {
+            let key = [0x37, 0xfa, 0x21, 0x3d];
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    /// A frame the tunnel sent, as the raw peer parsed it.
+    #[derive(Debug)]
+    struct Frame {
+        first: u8,
+        masked: bool,
+        payload: Vec<u8>,
+    }
+
+    impl Frame {
+        fn opcode(&self) -> u8 {
+            self.first & 0x0f
+        }
+    }
+
+    /// The peer end: raw bytes in and out, every frame read from the tunnel checked against
+    /// what a Go peer treats as fatal.
+    struct RawPeer {
+        io: DuplexStream,
+        /// The role of the tunnel under test: its frames must be masked iff it is the client.
+        tunnel_role: Role,
+    }
+
+    impl RawPeer {
+        async fn send(&mut self, bytes: &[u8]) {
+            self.io.write_all(bytes).await.unwrap();
+        }
+
+        /// The next frame from the tunnel, `None` at EOF, bounded in time.
+        async fn next(&mut self) -> Option<Frame> {
+            tokio::time::timeout(Duration::from_secs(10), self.read_frame())
+                .await
+                .expect("no frame from the tunnel within 10 s")
+        }
+
+        async fn read_frame(&mut self) -> Option<Frame> {
+            let mut h = [0u8; 2];
+            self.io.read_exact(&mut h).await.ok()?;
+            let masked = h[1] & 0x80 != 0;
+            let len = match h[1] & 0x7f {
+                126 => u64::from(self.io.read_u16().await.unwrap()),
+                127 => self.io.read_u64().await.unwrap(),
+                n => u64::from(n),
+            };
+            let mut key = [0u8; 4];
+            if masked {
+                self.io.read_exact(&mut key).await.unwrap();
+            }
+            let mut payload = vec![0; usize::try_from(len).unwrap()];
+            self.io.read_exact(&mut payload).await.unwrap();
+            if masked {
+                payload
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b ^= key[i % 4]);
+            }
+            let f = Frame {
+                first: h[0],
+                masked,
+                payload,
+            };
+            assert_eq!(f.first & 0x70, 0, "the tunnel set RSV bits: {f:?}");
+            assert_ne!(f.opcode(), 1, "the tunnel sent a Text frame");
+            assert_eq!(
+                f.masked,
+                self.tunnel_role == Role::Client,
+                "masking must follow the role ({:?}): {f:?}",
+                self.tunnel_role
+            );
+            Some(f)
+        }
+
+        /// The next binary message from the tunnel, skipping Pings.
+        async fn next_message(&mut self) -> Message {
+            loop {
+                let f = self.next().await.expect("EOF while waiting for a message");
+                match f.opcode() {
+                    2 => return Message::decode(Bytes::from(f.payload)).unwrap(),
+                    9 | 10 => continue,
+                    op => panic!("unexpected frame opcode {op}: {f:?}"),
+                }
+            }
+        }
+    }
+
+    async fn tunnel_with_raw_peer(role: Role, config: SessionConfig) -> (Tunnel, RawPeer) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let ws_role = match role {
+            Role::Client => WsRole::Client,
+            Role::Server => WsRole::Server,
+        };
+        let config_ws = Some(websocket_config(DEFAULT_MAX_MESSAGE));
+        let ws = WebSocketStream::from_raw_socket(ours, ws_role, config_ws).await;
+        let tunnel = Tunnel::spawn(ws, config, allow_all());
+        (
+            tunnel,
+            RawPeer {
+                io: theirs,
+                tunnel_role: role,
+            },
+        )
+    }
+
+    async fn closed_within(tunnel: &Tunnel, secs: u64) -> SessionError {
+        tokio::time::timeout(Duration::from_secs(secs), tunnel.closed())
+            .await
+            .unwrap_or_else(|_| panic!("the tunnel did not end within {secs} s"))
+    }
+
+    /// A Data message of exactly `total` encoded bytes for `conn`.
+    fn data_message_of_len(conn: i64, total: usize) -> (Message, Bytes) {
+        let empty = Message::new(9, conn, Body::Data(Bytes::new())).encoded_len();
+        let payload = Bytes::from(payload_bytes(total - empty));
+        let m = Message::new(9, conn, Body::Data(payload.clone()));
+        assert_eq!(m.encoded_len(), total);
+        (m, payload)
+    }
+
+    fn payload_bytes(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    async fn read_all(stream: tunnel_proto::driver::Stream, len: usize) -> Vec<u8> {
+        let mut stream = stream;
+        let mut got = vec![0; len];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut got))
+            .await
+            .expect("stream data within 10 s")
+            .unwrap();
+        got
+    }
+
+    /// Our server opens a stream to the raw client; returns the stream and its conn id.
+    async fn server_opens_stream(
+        tunnel: &Tunnel,
+        peer: &mut RawPeer,
+    ) -> (tunnel_proto::driver::Stream, i64) {
+        let stream = tunnel.open("tcp", "127.0.0.1:1").unwrap();
+        let connect = peer.next_message().await;
+        assert!(matches!(connect.body, Body::Connect(_)), "{connect:?}");
+        (stream, connect.conn_id)
+    }
+
+    async fn check(name: &str, case: &Value) {
+        let fr = frames(case);
+        match name {
+            "go_client_fragments_messages_over_4096_bytes" => {
+                // A 4097-byte message as gorilla writes it: 4096 bytes non-final, 1 continuation.
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                let (stream, conn) = server_opens_stream(&tunnel, &mut peer).await;
+                let (message, payload) = data_message_of_len(conn, 4097);
+                let bytes = message.to_bytes();
+                assert_eq!(
+                    fr[0].0,
+                    [0x02, 0xfe, 0x10, 0x00],
+                    "{name}: header as listed"
+                );
+                peer.send(&frame(&fr[0].0, fr[0].1, &bytes[..4096])).await;
+                peer.send(&frame(&fr[1].0, fr[1].1, &bytes[4096..])).await;
+                assert_eq!(
+                    read_all(stream, payload.len()).await,
+                    payload,
+                    "{name}: reassembled"
+                );
+                assert!(tunnel.close_reason().is_none(), "{name}");
+            }
+            "go_server_sends_one_frame_per_message" => {
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Client, SessionConfig::new(Role::Client)).await;
+                let connect = Message::new(2, 2, Body::Connect(Target::new("tcp", "127.0.0.1:1")));
+                let len = connect.encoded_len() as u8;
+                peer.send(&[&[0x82, len][..], &connect.to_bytes()].concat())
+                    .await;
+                let stream = tokio::time::timeout(Duration::from_secs(10), tunnel.accept())
+                    .await
+                    .unwrap()
+                    .expect("the Connect is accepted");
+                let (message, payload) = data_message_of_len(2, 70_000);
+                assert_eq!(fr[0].0[..2], [0x82, 0x7f], "{name}: 64-bit length form");
+                let declared = u64::from_be_bytes(fr[0].0[2..10].try_into().unwrap());
+                assert_eq!(declared, 70_000, "{name}");
+                peer.send(&frame(&fr[0].0, fr[0].1, &message.to_bytes()))
+                    .await;
+                assert_eq!(read_all(stream, payload.len()).await, payload, "{name}");
+            }
+            "text_frame_is_fatal" => {
+                // To a Go peer a Text frame is fatal, so this side never sends one (every frame
+                // RawPeer reads is checked). Received here, it is a typed protocol error and the
+                // session goes on: bad input costs that message, nothing else.
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                let (stream, conn) = server_opens_stream(&tunnel, &mut peer).await;
+                assert_eq!(fr[0].0, [0x81, 0x85], "{name}");
+                peer.send(&frame(&fr[0].0, fr[0].1, b"hello")).await;
+                let (message, payload) = data_message_of_len(conn, 100);
+                let bytes = message.to_bytes();
+                peer.send(&frame(&[0x82, 0x80 | bytes.len() as u8], true, &bytes))
+                    .await;
+                assert_eq!(read_all(stream, payload.len()).await, payload, "{name}");
+                assert_eq!(
+                    tunnel.take_protocol_errors(),
+                    vec![ProtocolError::WrongMessageType],
+                    "{name}"
+                );
+            }
+            "ping_payload_not_echoed" => {
+                // A Go server answers every Ping with an EMPTY Pong: our client's keepalive must
+                // count that as liveness. Control: without Pongs the same client gives up.
+                let mut config = SessionConfig::new(Role::Client);
+                config
+                    .keepalive_interval(Some(Duration::from_millis(100)))
+                    .keepalive_timeout(Duration::from_millis(600));
+                let (tunnel, mut peer) = tunnel_with_raw_peer(Role::Client, config.clone()).await;
+                let go_pong = unhex_spaced(&case["go_reply_hex"][0]);
+                assert_eq!(go_pong, [0x8a, 0x00], "{name}");
+                let started = Instant::now();
+                let mut pings = 0;
+                while started.elapsed() < Duration::from_secs(2) {
+                    let f = peer.next().await.expect("tunnel open");
+                    if f.opcode() == 9 {
+                        pings += 1;
+                        peer.send(&go_pong).await;
+                    }
+                }
+                assert!(pings >= 5, "{name}: {pings} pings in 2 s");
+                assert!(
+                    tunnel.close_reason().is_none(),
+                    "{name}: empty Pongs keep it alive"
+                );
+
+                let (silent, _peer) = tunnel_with_raw_peer(Role::Client, config).await;
+                let reason = closed_within(&silent, 5).await;
+                assert!(
+                    matches!(reason, SessionError::KeepaliveTimeout(_)),
+                    "{name}: {reason}"
+                );
+
+                // The other way: a Ping with a payload to our server gets exactly one Pong.
+                let (_server, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                assert_eq!(fr[0].0, [0x89, 0x83], "{name}");
+                peer.send(&frame(&fr[0].0, fr[0].1, b"abc")).await;
+                let pong = peer.next().await.unwrap();
+                assert_eq!(pong.opcode(), 10, "{name}: {pong:?}");
+            }
+            "close_frame_is_echoed_and_ends_session" => {
+                // From the client side, the vector's frame; we are the server here and echo it.
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                assert_eq!(fr[0].0, [0x88, 0x82], "{name}");
+                peer.send(&frame(&fr[0].0, fr[0].1, &[0x03, 0xe8])).await;
+                let echo = peer.next().await.expect("a Close in answer");
+                assert_eq!(echo.opcode(), 8, "{name}: {echo:?}");
+                assert_eq!(echo.payload[..2], [0x03, 0xe8], "{name}: same code");
+                let reason = closed_within(&tunnel, 5).await;
+                assert!(
+                    reason.to_string().contains("1000") || reason.to_string().contains("Normal"),
+                    "{name}: {reason}"
+                );
+            }
+            "frame_length_with_top_bit_set" => {
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                assert_eq!(fr[0].0.len(), 10, "{name}: head and 64-bit length");
+                peer.send(&frame(&fr[0].0, fr[0].1, &[])).await;
+                let reason = closed_within(&tunnel, 5).await;
+                assert!(
+                    matches!(reason, SessionError::Transport(_)),
+                    "{name}: {reason}"
+                );
+            }
+            "unmasked_client_frame" => {
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                assert!(!fr[0].1, "{name}: the vector's frame has no mask");
+                peer.send(&fr[0].0).await;
+                let reason = closed_within(&tunnel, 5).await;
+                assert!(
+                    matches!(reason, SessionError::Transport(_)),
+                    "{name}: {reason}"
+                );
+            }
+            "rsv1_without_negotiated_compression" => {
+                let (tunnel, mut peer) =
+                    tunnel_with_raw_peer(Role::Server, SessionConfig::new(Role::Server)).await;
+                assert_eq!(fr[0].0, [0xc2], "{name}");
+                let message = Message::new(1, 1, Body::Pause).to_bytes();
+                peer.send(&frame(&[0xc2, 0x80 | message.len() as u8], true, &message))
+                    .await;
+                let reason = closed_within(&tunnel, 5).await;
+                assert!(
+                    matches!(reason, SessionError::Transport(_)),
+                    "{name}: {reason}"
+                );
+            }
+            other => panic!("no check for the websocket-level vector {other}"),
+        }
+    }
+
+    fn unhex_spaced(value: &Value) -> Vec<u8> {
+        let (head, _) = frame_head(value);
+        head
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websocket_level_frames() {
+        let v = vectors();
+        let cases = v["websocket_level"].as_array().unwrap();
+        assert_eq!(cases.len() as i64, int(&v["counts"]["websocket_level"]));
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            check(name, case).await;
+            println!("vectors: websocket_level {name}: ok");
+        }
+        println!("vectors: {} websocket-level frames checked", cases.len());
     }
 }

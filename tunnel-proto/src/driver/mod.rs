@@ -143,6 +143,7 @@ impl Tunnel {
             sleep: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             pending: None,
             flush_needed: false,
+            close_echo_since: None,
         };
         (Tunnel { shared }, driver)
     }
@@ -259,6 +260,10 @@ pub struct Driver<S> {
     /// A frame taken from the session that the websocket was not ready for.
     pending: Option<WsMessage>,
     flush_needed: bool,
+    /// Set when the peer sent a Close: tungstenite has queued the echo (same code, RFC 6455
+    /// §5.5.1, as gorilla does), which goes out before the driver ends, for at most
+    /// [`CLOSE_ECHO_TIMEOUT`] after this instant.
+    close_echo_since: Option<tokio::time::Instant>,
 }
 
 /// Most inbound messages handled per turn before writing, so a flood in cannot hold back
@@ -269,6 +274,8 @@ const READ_BATCH: usize = 16;
 const WRITE_BATCH: usize = 16;
 /// Retained protocol errors between [`Tunnel::take_protocol_errors`] calls.
 const MAX_KEPT_PROTOCOL_ERRORS: usize = 64;
+/// How long a driver that received a Close tries to get its echo out before it ends anyway.
+const CLOSE_ECHO_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl<S> Driver<S>
 where
@@ -299,6 +306,7 @@ where
                 Some(Ok(WsMessage::Pong(_))) => state.session.handle_pong(now),
                 Some(Ok(WsMessage::Frame(_))) => {}
                 Some(Ok(WsMessage::Close(frame))) => {
+                    self.close_echo_since = Some(tokio::time::Instant::now());
                     let why = frame.map_or_else(
                         || "close frame".to_string(),
                         |f| format!("close frame {}: {}", f.code, f.reason),
@@ -400,6 +408,26 @@ fn dispatch_events(state: &mut State, wake: &mut Vec<Waker>) {
     }
 }
 
+impl<S> Driver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Flushes the echo of the peer's Close; true once it is out, failed, or given up on.
+    fn poll_close_echo(&mut self, cx: &mut Context<'_>, since: tokio::time::Instant) -> bool {
+        let deadline = since + CLOSE_ECHO_TIMEOUT;
+        match Pin::new(&mut self.ws).poll_flush(cx) {
+            Poll::Ready(_) => true,
+            Poll::Pending if tokio::time::Instant::now() >= deadline => true,
+            Poll::Pending => {
+                if self.sleep.deadline() != deadline {
+                    self.sleep.as_mut().reset(deadline);
+                }
+                self.sleep.as_mut().poll(cx).is_ready()
+            }
+        }
+    }
+}
+
 impl<S> Future for Driver<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -477,6 +505,12 @@ where
             }
             if let Some(err) = state.session.closed().cloned() {
                 take_all_wakers(&mut state, &mut wake);
+                drop(state);
+                if let Some(since) = this.close_echo_since
+                    && !this.poll_close_echo(cx, since)
+                {
+                    break Poll::Pending;
+                }
                 break Poll::Ready(err);
             }
             drop(state);
