@@ -3,10 +3,50 @@
 # (unit, vectors, loopback, connector/acceptor, registry, interop against the real Go
 # remotedialer, agents), the deploy suite, the end-to-end suite behind NAT (tests/e2e/run.sh), and
 # a bounded fuzz run. Needs scripts/install-test-deps.sh first.
+#
+# A part that cannot run here says SKIPPED and records why in $TEST_SKIP_FILE; the last line is
+# "all tests passed" only when nothing was skipped. The time of each step is printed at the end
+# (with the install step's, when .ci/run passes CI_INSTALL_SECONDS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
-step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+TEST_SKIP_FILE="$(mktemp)"
+export TEST_SKIP_FILE
+
+STEP_NAMES=() STEP_SECONDS=()
+if [[ -n "${CI_INSTALL_SECONDS:-}" ]]; then
+  STEP_NAMES+=("install (scripts/install-test-deps.sh)") STEP_SECONDS+=("$CI_INSTALL_SECONDS")
+fi
+step_started=""
+T0=$SECONDS
+end_step() {
+  if [[ -n "$step_started" ]]; then STEP_SECONDS+=($((SECONDS - step_started))); fi
+  step_started=""
+}
+step() {
+  end_step
+  printf '\n== %s (%s)\n' "$1" "$(date +%T)"
+  STEP_NAMES+=("$1") step_started=$SECONDS
+}
+report() {
+  local rc=$? i
+  end_step
+  printf '\n== step times\n'
+  for i in "${!STEP_SECONDS[@]}"; do
+    printf '%6ds  %s\n' "${STEP_SECONDS[$i]}" "${STEP_NAMES[$i]}"
+  done
+  printf '%6ds  total of scripts/test.sh\n' $((SECONDS - T0))
+  if ((rc != 0)); then
+    printf '\n== FAILED (exit %s) in: %s\n' "$rc" "${STEP_NAMES[-1]:-?}"
+  elif [[ -s "$TEST_SKIP_FILE" ]]; then
+    printf '\n== tests passed, but parts were SKIPPED (not a full pass):\n'
+    sed 's/^/   SKIPPED: /' "$TEST_SKIP_FILE"
+  else
+    printf '\n== all tests passed (%s)\n' "$(date +%T)"
+  fi
+  rm -f "$TEST_SKIP_FILE"
+}
+trap report EXIT
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -25,4 +65,3 @@ step "kind suite (skips, saying why, without kind and its node image)"
 bash tests/kind/run.sh
 step "fuzz (${FUZZ_SECONDS:=30} s per target)"
 FUZZ_SECONDS="$FUZZ_SECONDS" tunnel-proto/fuzz/run.sh
-step "all tests passed"

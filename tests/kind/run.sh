@@ -28,7 +28,11 @@ WAIT="${KIND_TIMEOUT:-180}"
 NAME="tunnel-kind-$$"
 CLUSTER_NAME=kind-e2e
 
-skip() { printf 'tests/kind: SKIPPED: %s\n' "$*"; exit 0; }
+skip() {
+    printf 'tests/kind: SKIPPED: %s\n' "$*"
+    if [[ -n "${TEST_SKIP_FILE:-}" ]]; then echo "kind suite: $*" >>"$TEST_SKIP_FILE"; fi
+    exit 0
+}
 log() { printf '[kind] %s\n' "$*"; }
 die() { printf '[kind] FAIL %s\n' "$*" >&2; exit 1; }
 
