@@ -38,6 +38,14 @@ ETCD_DIR="$E2E_CACHE/etcd-$ETCD_VERSION"
 KUBE_APISERVER="$K8S_DIR/bin/kube-apiserver"
 KUBECTL="$K8S_DIR/bin/kubectl"
 ETCD="$ETCD_DIR/bin/etcd"
+# The rest of a cluster (tests/e2e/lib/cluster.sh), built together in one go build.
+CLUSTER_CMDS=(kube-controller-manager kube-scheduler kubelet kube-proxy)
+# v0.3.14, not v0.4.x: 0.4 refuses Docker API < 1.42 (Docker 23+) at start-up ("docker API
+# version is older than 1.42.0"), and Debian 12's docker.io is 20.10.24 (API 1.41). 0.3.14 needs
+# API >= 1.26. (The module proxy here serves v0.3.14 and v0.4.0, not v0.3.15/16.)
+CRI_DOCKERD_VERSION="${CRI_DOCKERD_VERSION:-v0.3.14}"
+CRI_DOCKERD_DIR="$E2E_CACHE/cri-dockerd-$CRI_DOCKERD_VERSION"
+CRI_DOCKERD="$CRI_DOCKERD_DIR/bin/cri-dockerd"
 
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 export CGO_ENABLED=0
@@ -49,9 +57,15 @@ kube_apiserver_ok() {
 }
 kubectl_version() { "$KUBECTL" version --client -o json 2>/dev/null | jq -r .clientVersion.gitVersion 2>/dev/null || true; }
 kubectl_ok() { [[ -x "$KUBECTL" ]] && [[ "$(kubectl_version)" == "$K8S_VERSION" ]]; }
-# k8s_cmd_ok NAME: the cached k8s.io/kubernetes/cmd/NAME binary reports $K8S_VERSION.
-k8s_cmd_ok() { if [[ "$1" == kubectl ]]; then kubectl_ok; else kube_apiserver_ok; fi; }
-k8s_cmd_version() { if [[ "$1" == kubectl ]]; then echo "kubectl $(kubectl_version)"; else "$KUBE_APISERVER" --version; fi; }
+# k8s_cmd_ok NAME: the cached k8s.io/kubernetes/cmd/NAME binary reports $K8S_VERSION
+# (kubectl via `version --client`, every other command via `--version`).
+k8s_cmd_ok() {
+    if [[ "$1" == kubectl ]]; then kubectl_ok; return; fi
+    [[ -x "$K8S_DIR/bin/$1" ]] && [[ "$("$K8S_DIR/bin/$1" --version 2>/dev/null)" == "Kubernetes $K8S_VERSION" ]]
+}
+k8s_cmd_version() {
+    if [[ "$1" == kubectl ]]; then echo "kubectl $(kubectl_version)"; else "$K8S_DIR/bin/$1" --version; fi
+}
 # first line of `etcd --version` (no `| head`: SIGPIPE + pipefail)
 etcd_version() { local v; v="$("$ETCD" --version 2>/dev/null || true)"; echo "${v%%$'\n'*}"; }
 etcd_ok() {
@@ -61,19 +75,14 @@ etcd_ok() {
 
 fmt_dur() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
-# build_k8s_cmd NAME: go build k8s.io/kubernetes/cmd/NAME at $K8S_VERSION into $K8S_DIR/bin.
-build_k8s_cmd() {
-    local cmd="$1" out="$K8S_DIR/bin/$1"
-    step "$cmd $K8S_VERSION -> $out"
-    if k8s_cmd_ok "$cmd"; then
-        ok "cached: $(k8s_cmd_version "$cmd") (skip build)"
-        return 0
-    fi
+# k8s_prepare_module: write $K8S_DIR/go.mod (k8s.io/kubernetes $K8S_VERSION with its staging
+# modules pinned to the published v0.<minor>.<patch>). Sets K8S_MAJOR/K8S_MINOR.
+k8s_prepare_module() {
     need_cmd go jq
-    local t0=$SECONDS ver="${K8S_VERSION#v}" major minor patch
-    IFS=. read -r major minor patch <<<"${ver%%-*}"
-    [[ "$major" == 1 ]] || die "unexpected K8S_VERSION $K8S_VERSION"
-    local staging_ver="v0.${minor}.${patch}"
+    local ver="${K8S_VERSION#v}" patch
+    IFS=. read -r K8S_MAJOR K8S_MINOR patch <<<"${ver%%-*}"
+    [[ "$K8S_MAJOR" == 1 ]] || die "unexpected K8S_VERSION $K8S_VERSION"
+    local staging_ver="v0.${K8S_MINOR}.${patch}"
     mkdir -p "$K8S_DIR/bin"
     cd "$K8S_DIR"
 
@@ -113,26 +122,53 @@ build_k8s_cmd() {
     else
         rm -f go.mod.new
     fi
+}
 
-    info "resolving dependencies (go get k8s.io/kubernetes/cmd/$cmd@$K8S_VERSION)"
+# build_k8s_cmds NAME...: go build k8s.io/kubernetes/cmd/NAME... at $K8S_VERSION into
+# $K8S_DIR/bin, all in ONE `go build -o DIR/` so the packages they share (client-go,
+# apimachinery, component-base, ...) are compiled once. Cached ones are skipped.
+build_k8s_cmds() {
+    local cmd todo=()
+    step "$* $K8S_VERSION -> $K8S_DIR/bin/"
+    for cmd in "$@"; do
+        if k8s_cmd_ok "$cmd"; then
+            ok "cached: $cmd: $(k8s_cmd_version "$cmd") (skip build)"
+        else
+            todo+=("$cmd")
+        fi
+    done
+    ((${#todo[@]})) || return 0
+    local t0=$SECONDS
+    k8s_prepare_module
+
+    local pkgs=()
+    for cmd in "${todo[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd"); done
+    info "resolving dependencies (go get ${pkgs[*]/%/@$K8S_VERSION})"
     local t1=$SECONDS
-    heavy timeout 3600 go get "k8s.io/kubernetes/cmd/$cmd@$K8S_VERSION"
+    heavy timeout 3600 go get "${pkgs[@]/%/@$K8S_VERSION}"
     info "dependencies resolved in $(fmt_dur $((SECONDS - t1)))"
 
     local ldflags="-s -w"
     local pkg=k8s.io/component-base/version
-    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$K8S_MAJOR -X $pkg.gitMinor=$K8S_MINOR"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    info "go build -p $E2E_BUILD_P (nice -n 19 ionice -c3; this takes a long while on 2 cores)"
+    info "go build -p $E2E_BUILD_P ${todo[*]} (nice -n 19 ionice -c3; this takes a long while on 2 cores)"
     t1=$SECONDS
-    heavy timeout 7200 go build -p "$E2E_BUILD_P" -trimpath -ldflags "$ldflags" \
-        -o "$out.tmp" "k8s.io/kubernetes/cmd/$cmd"
-    mv "$out.tmp" "$out"
+    local tmp="$K8S_DIR/bin/.tmp"
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    # -o DIR/ with several main packages writes DIR/<name> for each.
+    heavy timeout 10800 go build -p "$E2E_BUILD_P" -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}"
+    for cmd in "${todo[@]}"; do mv "$tmp/$cmd" "$K8S_DIR/bin/$cmd"; done
+    rmdir "$tmp"
     local dt=$((SECONDS - t1))
-    k8s_cmd_ok "$cmd" || die "built $cmd does not report $K8S_VERSION: $(k8s_cmd_version "$cmd" 2>&1)"
-    echo "$(date -u +%FT%TZ) $cmd $K8S_VERSION go-build=${dt}s total=$((SECONDS - t0))s $(go version)" >>"$E2E_CACHE/build-times.log"
-    ok "$(k8s_cmd_version "$cmd") built: go build $(fmt_dur "$dt"), total $(fmt_dur $((SECONDS - t0)))"
+    for cmd in "${todo[@]}"; do
+        k8s_cmd_ok "$cmd" || die "built $cmd does not report $K8S_VERSION: $(k8s_cmd_version "$cmd" 2>&1)"
+    done
+    local joined; joined="$(IFS=+; echo "${todo[*]}")"
+    echo "$(date -u +%FT%TZ) $joined $K8S_VERSION go-build=${dt}s total=$((SECONDS - t0))s $(go version)" >>"$E2E_CACHE/build-times.log"
+    ok "${todo[*]} ($K8S_VERSION) built: go build $(fmt_dur "$dt"), total $(fmt_dur $((SECONDS - t0)))"
 }
+build_k8s_cmd() { build_k8s_cmds "$1"; }
 
 build_etcd() {
     step "etcd $ETCD_VERSION -> $ETCD"
@@ -178,19 +214,81 @@ build_etcd() {
     ok "$(etcd_version) built: go build $(fmt_dur "$dt"), total $(fmt_dur $((SECONDS - t0)))"
 }
 
+# cri-dockerd: the CRI shim in front of Docker that RKE and RKE1-style clusters use, so pods
+# are plain containers of the node's dockerd (the node agent's Docker sees them). Built from
+# its Go module; its go.mod pins k8s.io/* with `replace` directives, which Go ignores in a
+# dependency, so the throwaway module copies them (they are all module@version, no paths).
+cri_dockerd_version() { local v; v="$("$CRI_DOCKERD" --version 2>&1 || true)"; echo "${v%%$'\n'*}"; }
+cri_dockerd_ok() {
+    [[ -x "$CRI_DOCKERD" ]] && [[ "$(cri_dockerd_version)" == "cri-dockerd ${CRI_DOCKERD_VERSION#v} "* ]]
+}
+build_cri_dockerd() {
+    step "cri-dockerd $CRI_DOCKERD_VERSION -> $CRI_DOCKERD"
+    if cri_dockerd_ok; then
+        ok "cached: $(cri_dockerd_version) (skip build)"
+        return 0
+    fi
+    need_cmd go jq
+    local t0=$SECONDS m="github.com/Mirantis/cri-dockerd"
+    mkdir -p "$CRI_DOCKERD_DIR/bin"
+    cd "$CRI_DOCKERD_DIR"
+    local info cmod commit goline
+    info="$(GOFLAGS='' timeout 1800 go mod download -json "$m@$CRI_DOCKERD_VERSION")"
+    cmod="$(jq -r .GoMod <<<"$info")"
+    [[ -s "$cmod" ]] || die "could not download $m@$CRI_DOCKERD_VERSION: $(jq -r .Error <<<"$info")"
+    commit="$(jq -r '.Origin.Hash // "unknown"' "$(jq -r .Info <<<"$info")")"
+    goline="$(grep -m1 -E '^go [0-9]' "$cmod")"
+    info "cri-dockerd go.mod: $goline, commit ${commit:0:12}; copying its replace block"
+    {
+        echo "// Generated by tests/e2e/lib/build-k8s.sh: throwaway module to build cri-dockerd."
+        echo "module tpe2e.local/cri-dockerd-build"
+        echo
+        echo "$goline"
+        echo
+        echo "require $m $CRI_DOCKERD_VERSION"
+        echo
+        # the `replace (` ... `)` block verbatim
+        sed -n '/^replace (/,/^)/p' "$cmod"
+    } >go.mod.new
+    if ! cmp -s go.mod.new go.mod.gen 2>/dev/null || [[ ! -s go.mod ]]; then
+        cp go.mod.new go.mod
+        mv go.mod.new go.mod.gen
+        rm -f go.sum
+    else
+        rm -f go.mod.new
+    fi
+    info "resolving dependencies"
+    local t1=$SECONDS
+    heavy timeout 1800 go get "$m@$CRI_DOCKERD_VERSION"
+    info "dependencies resolved in $(fmt_dur $((SECONDS - t1)))"
+    local pkg="$m/cmd/version"
+    local ldflags="-s -w -X $pkg.Version=${CRI_DOCKERD_VERSION#v} -X $pkg.GitCommit=${commit:0:7}"
+    info "go build -p $E2E_BUILD_P (nice -n 19 ionice -c3)"
+    t1=$SECONDS
+    heavy timeout 3600 go build -p "$E2E_BUILD_P" -trimpath -ldflags "$ldflags" -o "$CRI_DOCKERD.tmp" "$m"
+    mv "$CRI_DOCKERD.tmp" "$CRI_DOCKERD"
+    local dt=$((SECONDS - t1))
+    cri_dockerd_ok || die "built cri-dockerd does not report $CRI_DOCKERD_VERSION: $(cri_dockerd_version)"
+    echo "$(date -u +%FT%TZ) cri-dockerd $CRI_DOCKERD_VERSION go-build=${dt}s total=$((SECONDS - t0))s $(go version)" >>"$E2E_CACHE/build-times.log"
+    ok "$(cri_dockerd_version) built: go build $(fmt_dur "$dt"), total $(fmt_dur $((SECONDS - t0)))"
+}
+
 what="${1:-all}"
 case "$what" in
     paths)
+        echo "K8S_VERSION=$K8S_VERSION"
         echo "KUBE_APISERVER=$KUBE_APISERVER"
         echo "KUBECTL=$KUBECTL"
         echo "ETCD=$ETCD"
+        for c in "${CLUSTER_CMDS[@]}"; do v="${c^^}"; echo "${v//-/_}=$K8S_DIR/bin/$c"; done
+        echo "CRI_DOCKERD=$CRI_DOCKERD"
         exit 0 ;;
     clean)
         step "removing $K8S_DIR and $ETCD_DIR"
         rm -rf "$K8S_DIR" "$ETCD_DIR"
         ok "clean"
         exit 0 ;;
-    all|kube-apiserver|kubectl|etcd) ;;
+    all|kube-apiserver|kubectl|etcd|cluster|cri-dockerd) ;;
     -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) die "unknown target '$what'" ;;
 esac
@@ -207,10 +305,14 @@ T0=$SECONDS
 case "$what" in
     all) build_etcd; build_k8s_cmd kube-apiserver; build_k8s_cmd kubectl ;;
     kube-apiserver) build_k8s_cmd kube-apiserver ;;
+    cluster) build_k8s_cmds "${CLUSTER_CMDS[@]}" ;;
+    cri-dockerd) build_cri_dockerd ;;
     kubectl) build_k8s_cmd kubectl ;;
     etcd) build_etcd ;;
 esac
 step "done in $(fmt_dur $((SECONDS - T0)))"
-kube_apiserver_ok && info "KUBE_APISERVER=$KUBE_APISERVER ($("$KUBE_APISERVER" --version))" || true
-kubectl_ok && info "KUBECTL=$KUBECTL (kubectl $(kubectl_version))" || true
-etcd_ok && info "ETCD=$ETCD ($(etcd_version))" || true
+if kube_apiserver_ok; then info "KUBE_APISERVER=$KUBE_APISERVER ($("$KUBE_APISERVER" --version))"; fi
+if kubectl_ok; then info "KUBECTL=$KUBECTL (kubectl $(kubectl_version))"; fi
+if etcd_ok; then info "ETCD=$ETCD ($(etcd_version))"; fi
+for c in "${CLUSTER_CMDS[@]}"; do if k8s_cmd_ok "$c"; then info "$c: $K8S_DIR/bin/$c ($(k8s_cmd_version "$c"))"; fi; done
+if cri_dockerd_ok; then info "CRI_DOCKERD=$CRI_DOCKERD ($(cri_dockerd_version))"; fi
