@@ -28,11 +28,12 @@
 # Environment: KUBE_APISERVER, ETCD (binaries; default: the build-k8s.sh cache),
 # K8S_VERSION/ETCD_VERSION (to locate them), APISERVER_BIND, APISERVER_PORT,
 # SERVICE_CIDR (default 10.43.0.0/16, so the kubernetes service is 10.43.0.1),
-# KUBE_APISERVER_START_TIMEOUT (default 180 s), KUBECTL (default kubectl).
+# KUBE_APISERVER_START_TIMEOUT (default 180 s), KUBECTL (default kubectl),
+# KUBE_APISERVER_EXTRA_ARGS (appended to the command line).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,31p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,32p' "$0"; exit "${1:-2}"; }
 cmd="${1:-}"; dir="${2:-}"; netns="${3:-}"
 [[ -n "$cmd" && -n "$dir" ]] || usage
 mkdir -p "$dir"
@@ -118,6 +119,20 @@ EOF
     openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
     chmod 600 "$PKI"/*.key
     info "serving cert SANs: $(openssl x509 -in "$PKI/apiserver.crt" -noout -ext subjectAltName | tail -1 | sed 's/^ *//')"
+}
+
+# The client certificate the apiserver presents to kubelets (logs, exec, port-forward);
+# separate from gen_pki so that an existing PKI gains it too. system:masters, so the
+# kubelets' webhook authorization (SubjectAccessReview) allows it.
+gen_kubelet_client_cert() {
+    [[ -s "$PKI/apiserver-kubelet-client.crt" ]] && return 0
+    info "generating the apiserver's kubelet client certificate"
+    [[ -s "$PKI/client.ext" ]] || printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$PKI/client.ext"
+    openssl req -newkey rsa:2048 -nodes -keyout "$PKI/apiserver-kubelet-client.key" \
+        -out "$PKI/apiserver-kubelet-client.csr" -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" 2>/dev/null
+    openssl x509 -req -in "$PKI/apiserver-kubelet-client.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
+        -CAcreateserial -days 3650 -sha256 -extfile "$PKI/client.ext" -out "$PKI/apiserver-kubelet-client.crt" 2>/dev/null
+    chmod 600 "$PKI/apiserver-kubelet-client.key"
 }
 
 write_kubeconfig() {
@@ -220,6 +235,7 @@ do_start() {
 
     step "certificates and keys"
     gen_pki "$ip"
+    gen_kubelet_client_cert
     if [[ ! -s "$dir/admin.token" ]]; then
         python3 -c 'import secrets; print(secrets.token_hex(24))' >"$dir/admin.token"
         chmod 600 "$dir/admin.token"
@@ -272,8 +288,17 @@ EOF
         --allow-privileged=true
         --cert-dir="$PKI/generated"
         --profiling=false
+        # Kubelets (tests/e2e/lib/cluster.sh): the apiserver dials them by InternalIP (every
+        # node has the same hostname here), verifies their serving certificates with our CA
+        # and authenticates with its own client certificate. Unused without kubelets.
+        --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt"
+        --kubelet-client-key="$PKI/apiserver-kubelet-client.key"
+        --kubelet-certificate-authority="$PKI/ca.crt"
+        --kubelet-preferred-address-types=InternalIP
         --v=1
     )
+    # shellcheck disable=SC2206  # word splitting intended: extra flags
+    [[ -z "${KUBE_APISERVER_EXTRA_ARGS:-}" ]] || args+=(${KUBE_APISERVER_EXTRA_ARGS})
     # A loopback advertise address is rejected by the endpoint reconciler
     # ("may not be in the loopback range"): no kubernetes Endpoints then.
     if [[ "$ip" == 127.* ]]; then args+=(--endpoint-reconciler-type=none); fi
