@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
-# Build a REAL kube-apiserver, kubectl and etcd from their Go modules (through
-# the Go module proxy), cached under $E2E_CACHE (default ~/.cache/tunnel-e2e).
+# Build a REAL kube-apiserver, kubectl, etcd, the rest of a cluster (kube-controller-manager,
+# kube-scheduler, kubelet, kube-proxy) and cri-dockerd from their Go modules (through the Go
+# module proxy), cached under $E2E_CACHE (default ~/.cache/tunnel-e2e).
 #
-#   tests/e2e/lib/build-k8s.sh [all|kube-apiserver|kubectl|etcd|paths|clean]
+#   tests/e2e/lib/build-k8s.sh [all|kube-apiserver|kubectl|etcd|cluster|cri-dockerd|paths|clean]
 #
-#   all (default)    build all three (skipped when the cached binary reports
+#   all (default)    build everything below (each skipped when the cached binary reports
 #                    the expected version)
 #   kube-apiserver   only kube-apiserver
 #   kubectl          only kubectl (the apiserver's own release: Debian's
 #                    kubectl is far outside the +-1 minor version skew policy)
 #   etcd             only etcd
-#   paths            print KUBE_APISERVER=..., KUBECTL=... and ETCD=... (no build)
+#   cluster          kube-controller-manager kube-scheduler kubelet kube-proxy, in ONE
+#                    `go build -o DIR/ pkg...` (they share most of their packages)
+#   cri-dockerd      cri-dockerd (CRI in front of Docker, for cluster.sh's kubelets)
+#   paths            print K8S_VERSION=..., KUBE_APISERVER=..., KUBECTL=..., ETCD=...,
+#                    KUBE_CONTROLLER_MANAGER=..., KUBE_SCHEDULER=..., KUBELET=...,
+#                    KUBE_PROXY=..., CRI_DOCKERD=... (no build)
 #   clean            remove the cached build dirs of the selected versions
 #
 # Environment:
-#   K8S_VERSION   Kubernetes release (default v1.37.2)
-#   ETCD_VERSION  etcd 3.5 release   (default v3.5.35)
-#   E2E_CACHE     cache root         (default $HOME/.cache/tunnel-e2e)
-#   E2E_BUILD_P   go build -p        (default 2)
+#   K8S_VERSION          Kubernetes release (default v1.37.2)
+#   ETCD_VERSION         etcd 3.5 release   (default v3.5.35)
+#   CRI_DOCKERD_VERSION  cri-dockerd        (default v0.3.14; see below why not 0.4)
+#   E2E_CACHE            cache root         (default $HOME/.cache/tunnel-e2e)
+#   E2E_BUILD_P          go build -p        (default 2)
 #
 # How: a throwaway Go module $E2E_CACHE/k8s-<version>/ requires
 # k8s.io/kubernetes@<version>; every k8s.io staging module that kubernetes'
 # own go.mod replaces with ./staging/src/k8s.io/<name> is replaced here with
 # the published k8s.io/<name> v0.<minor>.<patch>. Then
 # `go build k8s.io/kubernetes/cmd/kube-apiserver`. etcd likewise from
-# go.etcd.io/etcd/server/v3@<version> (its root package is `main`).
+# go.etcd.io/etcd/server/v3@<version> (its root package is `main`), cri-dockerd from
+# github.com/Mirantis/cri-dockerd@<version> with its own replace block copied.
 # Builds run under `nice -n 19 ionice -c3`; only one build at a time (flock).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -284,12 +292,12 @@ case "$what" in
         echo "CRI_DOCKERD=$CRI_DOCKERD"
         exit 0 ;;
     clean)
-        step "removing $K8S_DIR and $ETCD_DIR"
-        rm -rf "$K8S_DIR" "$ETCD_DIR"
+        step "removing $K8S_DIR, $ETCD_DIR and $CRI_DOCKERD_DIR"
+        rm -rf "$K8S_DIR" "$ETCD_DIR" "$CRI_DOCKERD_DIR"
         ok "clean"
         exit 0 ;;
     all|kube-apiserver|kubectl|etcd|cluster|cri-dockerd) ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) die "unknown target '$what'" ;;
 esac
 
@@ -303,7 +311,8 @@ fi
 
 T0=$SECONDS
 case "$what" in
-    all) build_etcd; build_k8s_cmd kube-apiserver; build_k8s_cmd kubectl ;;
+    all) build_etcd; build_k8s_cmd kube-apiserver; build_k8s_cmd kubectl
+         build_k8s_cmds "${CLUSTER_CMDS[@]}"; build_cri_dockerd ;;
     kube-apiserver) build_k8s_cmd kube-apiserver ;;
     cluster) build_k8s_cmds "${CLUSTER_CMDS[@]}" ;;
     cri-dockerd) build_cri_dockerd ;;
