@@ -52,8 +52,8 @@ WAIT="${CLUSTER_WAIT:-180}"
 IMAGE="${E2E_IMAGE:-tpe2e/busybox:latest}"
 PAUSE_IMAGE="${PAUSE_IMAGE:-tpe2e/pause:3.10}"
 
-NS_NAT="$P-nat"; NS_DOWN="$P-down"; NS_LAN="$P-lan"; NS_WORKER="$P-worker"
-NAT_DOWN_IP=10.213.1.1
+NS_MGMT="$P-mgmt"; NS_NAT="$P-nat"; NS_DOWN="$P-down"; NS_LAN="$P-lan"; NS_WORKER="$P-worker"
+NAT_DOWN_IP=10.213.1.1; MGMT_IP=10.213.0.1; NAT_MGMT_IP=10.213.0.254
 LAN_BR="$P-br"
 # LAN ports in $NS_LAN: the router's link (netns.sh's $P-d0 moved here and renamed), and one
 # veth per node.
@@ -750,7 +750,7 @@ EOF
     ok "bb-cp on $node_of_cp ip $ip_cp; bb-worker on $node_of_worker ip $ip_worker"
 
     step "verify: the node's Docker sees the pod's containers (RKE-style, what the node agent sees)"
-    dk worker ps --filter "label=io.kubernetes.pod.name=bb-worker" --format '        {{.ID}} {{.Image}} {{.Names}}'
+    dk worker ps --filter "label=io.kubernetes.pod.name=bb-worker" --format '{{.ID}} {{.Image}} {{.Names}}' | sed 's/^/        /'
     [[ -n "$(dk worker ps -q --filter "label=io.kubernetes.pod.name=bb-worker")" ]] || die "docker ps on the worker does not list bb-worker"
     ok "docker ps on $worker lists bb-worker (container + pause sandbox)"
 
@@ -774,10 +774,12 @@ EOF
     out="$(k -n "$VNS" exec bb-cp -- timeout 5 wget -qO- "http://$ip_worker:8080/" 2>&1)"
     info "answer (reverse): $out"
     [[ "$out" == "hello from bb-worker on $worker" ]] || die "cross-node pod traffic (reverse) failed: '$out'"
+    # busybox httpd -v logs "[::ffff:PEER]:PORT: response:200": the first request came from bb-worker
     local peer
-    peer="$(k -n "$VNS" logs bb-cp 2>&1 | grep -oE '^\[?[0-9.]+' | tail -n 1 || true)"
-    [[ -z "$peer" ]] || info "bb-cp's httpd logged the peer $peer"
-    ok "pods reach each other across the LAN"
+    peer="$(k -n "$VNS" logs bb-cp 2>&1 | grep -oE '10\.42\.[0-9]+\.[0-9]+' | sed -n 1p || true)"
+    info "bb-cp's httpd saw the peer ${peer:-?}"
+    [[ "$peer" == "$ip_worker" ]] || die "pod traffic across nodes was NATed (peer ${peer:-?}, expected $ip_worker)"
+    ok "pods reach each other across the LAN with their own addresses (no NAT between pods)"
 
     step "verify: ClusterIP Service bb -> bb-cp:8080 (kube-proxy iptables), from the worker's pod"
     cat <<EOF | k apply -f - | sed 's/^/        /'
@@ -814,6 +816,21 @@ EOF
     out="$(k -n "$VNS" exec bb-worker -- sh -c 'timeout 10 wget -qO- --no-check-certificate --header "Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)" https://kubernetes.default.svc/api/v1/namespaces/default/pods 2>&1; true')"
     info "same token on /api/v1/namespaces/default/pods: $(printf '%s' "$out" | tr '\n' ' ' | cut -c1-120)"
     ok "kubernetes.default.svc ($SERVICE_IP -> $APISERVER_IP:$APISERVER_PORT) answers from a pod"
+
+    step "verify: a pod dials out through the NAT router to the management host ($MGMT_IP)"
+    local port lpid got
+    port="$(free_port "$MGMT_IP" "$NS_MGMT")"
+    # one-shot listener in the management namespace that answers with the peer it saw
+    # shellcheck disable=SC2016  # $SOCAT_PEERADDR is socat's
+    ip netns exec "$NS_MGMT" timeout 20 socat -T 5 "TCP-LISTEN:$port,bind=$MGMT_IP,reuseaddr" \
+        SYSTEM:'echo "peer=$SOCAT_PEERADDR"',nofork >/dev/null 2>&1 &
+    lpid=$!
+    wait_for 5 "listener $MGMT_IP:$port" bash -c "ip netns exec '$NS_MGMT' ss -Hltn 'sport = :$port' | grep -q ." || true
+    got="$(k -n "$VNS" exec bb-worker -- timeout 5 nc "$MGMT_IP" "$port" </dev/null 2>&1 || true)"
+    kill "$lpid" 2>/dev/null || true; wait "$lpid" 2>/dev/null || true
+    info "bb-worker -> $MGMT_IP:$port: '$got'"
+    [[ "$got" == "peer=$NAT_MGMT_IP" ]] || die "pod could not dial out through the NAT (expected peer=$NAT_MGMT_IP)"
+    ok "pod egress: pod -> node (MASQUERADE) -> router (MASQUERADE) -> $MGMT_IP, seen as $NAT_MGMT_IP"
 
     step "verify: a kubernetes.io/service-account-token Secret is filled by the token controller"
     cat <<EOF | k apply -f - | sed 's/^/        /'
