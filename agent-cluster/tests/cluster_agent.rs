@@ -3,7 +3,9 @@
 //! a stand-in kube-apiserver over HTTPS (its own CA) that records the `stv-aggregation` Secret
 //! and answers `/readyz` when dialed through the tunnel the way Rancher does (TLS with the
 //! reported CA, bearer = the reported token), the steve tunnel's `/ping`, refusals on
-//! /metrics, and SIGTERM.
+//! /metrics, and SIGTERM. The stand-in has no service account `cattle`, so the agent reports
+//! the projected token (the fallback); `real_apiserver.rs` covers the token Secret against a
+//! real kube-apiserver.
 
 #[path = "../../agent-core/tests/support/mod.rs"]
 mod support;
@@ -85,16 +87,20 @@ impl FakeApi {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let authed = auth.as_deref() == Some(&format!("Bearer {SA_TOKEN}"));
                             let item = "/api/v1/namespaces/cattle-system/secrets/stv-aggregation";
+                            // Writes echo the object, as the apiserver answers with it.
+                            let echo = Bytes::from(body.to_vec());
                             let (status, text) = match (method.as_str(), path.as_str()) {
-                                _ if !authed => (401, "Unauthorized"),
-                                ("GET", "/readyz") => (200, "ok"),
-                                ("PUT", p) if p == item && *exists.lock().unwrap() => (200, "{}"),
-                                ("PUT", p) if p == item => (404, "not found"),
+                                _ if !authed => (401, Bytes::from("Unauthorized")),
+                                ("GET", "/readyz") => (200, Bytes::from("ok")),
+                                ("PUT", p) if p == item && *exists.lock().unwrap() => (200, echo),
+                                ("PUT", p) if p == item => (404, Bytes::from("not found")),
                                 ("POST", "/api/v1/namespaces/cattle-system/secrets") => {
                                     *exists.lock().unwrap() = true;
-                                    (201, "{}")
+                                    (201, echo)
                                 }
-                                _ => (404, "not found"),
+                                // No service account here: the agent falls back to the
+                                // projected token.
+                                _ => (404, Bytes::from("not found")),
                             };
                             reqs.lock().unwrap().push(Recorded {
                                 method,
@@ -103,7 +109,7 @@ impl FakeApi {
                                 body: body.to_vec(),
                                 status,
                             });
-                            let mut resp = http::Response::new(Full::new(Bytes::from(text)));
+                            let mut resp = http::Response::new(Full::new(text));
                             *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             Ok::<_, Infallible>(resp)
                         }
@@ -390,6 +396,8 @@ fn bad_configuration_names_every_variable_and_exits_non_zero() {
         .env("CATTLE_SA_CA_FILE", path_str(&dir.path().join("none.crt")))
         .env("CATTLE_STEVE_TUNNEL", "perhaps")
         .env("CATTLE_AGENT_BACKOFF_MIN", "soon")
+        .env("CATTLE_SA_TOKEN_WAIT", "a while")
+        .env("CATTLE_SA_TOKEN_RECHECK", "0")
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -404,6 +412,8 @@ fn bad_configuration_names_every_variable_and_exits_non_zero() {
         "service-account CA",
         "CATTLE_STEVE_TUNNEL",
         "CATTLE_AGENT_BACKOFF_MIN",
+        "CATTLE_SA_TOKEN_WAIT",
+        "CATTLE_SA_TOKEN_RECHECK",
     ] {
         assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
     }
@@ -426,6 +436,8 @@ fn help_documents_every_variable() {
         "CATTLE_SA_CA_FILE",
         "CATTLE_KUBECONFIG",
         "CATTLE_STEVE_TUNNEL",
+        "CATTLE_SA_TOKEN_WAIT",
+        "CATTLE_SA_TOKEN_RECHECK",
         "HTTPS_PROXY",
     ] {
         assert!(help.contains(name), "{name} missing from --help");
