@@ -450,7 +450,7 @@ pub fn main_tunnel(
         allow,
         handler,
         connected_marker: Some(common.marker_path()),
-        on_connect: on_connect,
+        on_connect,
     })
 }
 
