@@ -27,6 +27,8 @@
 #   tests/e2e/lib/cluster.sh load-tar FILE   docker load FILE into every node
 #   tests/e2e/lib/cluster.sh env             print the cluster's variables (also in $CLUSTER_DIR/env)
 #   tests/e2e/lib/cluster.sh kubectl ARGS... admin kubectl inside the downstream namespace
+#   tests/e2e/lib/cluster.sh kubelet-stop|kubelet-start cp|worker
+#                                            stop / start one node's kubelet (fault tests)
 #
 # Runtime: cri-dockerd over one private dockerd per node (dockerd.sh), RKE-style: the pods are
 # containers of the node's Docker, which is what the node agent talks to. CNI: Debian's
@@ -42,7 +44,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,40p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,43p' "$0"; exit "${1:-2}"; }
 
 L="$E2E_LIB_DIR"
 P="${TPE2E_PREFIX:-tpe2e}"
@@ -481,14 +483,31 @@ has_cap_sys_resource() {
     (( (16#$eff >> 24) & 1 ))
 }
 
+# --root-dir is a shared bind mount, so the volumes the kubelet mounts below it reach dockerd.
+# Made before dockerd starts: dockerd has its own mount namespace (below), a copy of the host's
+# taken at its start, and the host's / is private, so only mounts under an existing shared one
+# propagate into it.
+kubelet_root_mount() {
+    local d; d="$(node_dir "$1")"
+    mkdir -p "$d/kubelet"
+    if ! awk -v p="$d/kubelet" '$5 == p && / shared:/ {f=1} END {exit !f}' /proc/self/mountinfo; then
+        mount --bind "$d/kubelet" "$d/kubelet"
+        mount --make-shared "$d/kubelet"
+    fi
+}
+
+# Each node has its own /var/run (DIR/nodes/NODE/run, holding that node's docker.sock): dockerd
+# runs with it bind-mounted on /run in a private mount namespace, so a pod's hostPath /var/run
+# (the node agent's DaemonSet) is the node's own, as on a real machine.
 start_dockerd() {
     local n="$1" d; d="$(node_dir "$n")"
     local extra="${DOCKERD_EXTRA_ARGS:-}"
+    kubelet_root_mount "$n"
     if ! has_cap_sys_resource; then
         extra+=" --add-runtime tpe2e-runc=$L/runc-oom-clamp.sh --default-runtime tpe2e-runc"
         info "no CAP_SYS_RESOURCE here: dockerd runs runc through runc-oom-clamp.sh (negative oom_score_adj -> 0)"
     fi
-    DOCKERD_EXTRA_ARGS="$extra" "$L/dockerd.sh" start "$d/docker" "$(node_ns "$n")" | grep -E 'OK|FAIL|WARN|info:' | sed 's/^/    /' || true
+    DOCKERD_RUN_DIR="$d/run" DOCKERD_EXTRA_ARGS="$extra" "$L/dockerd.sh" start "$d/docker" "$(node_ns "$n")" | grep -E 'OK|FAIL|WARN|info:' | sed 's/^/    /' || true
     "$L/dockerd.sh" status "$d/docker" >/dev/null || die "dockerd of $(node_name "$n") does not answer"
     "$L/busybox-image.sh" "$(node_sock "$n")" "$IMAGE" | grep -E 'OK|FAIL' | sed 's/^/    /' || true
     make_pause_image "$n"
@@ -527,10 +546,7 @@ start_kubelet() {
     fi
     if pid_alive "$pidfile"; then stop_pidfile "$pidfile" kubelet 15; fi
     make_cgroup_root "$n"
-    if ! awk -v p="$d/kubelet" '$5 == p && / shared:/ {f=1} END {exit !f}' /proc/self/mountinfo; then
-        mount --bind "$d/kubelet" "$d/kubelet"
-        mount --make-shared "$d/kubelet"
-    fi
+    kubelet_root_mount "$n"
     local tun="$d/kernel-tunables" f
     mkdir -p "$tun"
     local tunables=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops
@@ -961,6 +977,12 @@ case "${1:-}" in
     load-image) [[ -n "${2:-}" ]] || usage; do_load_image "$2" "${3:-}" ;;
     load-tar) [[ -n "${2:-}" ]] || usage; do_load_tar "$2" ;;
     kubectl) shift; k "$@" ;;
+    kubelet-stop) [[ "${2:-}" == cp || "${2:-}" == worker ]] || usage; need_root
+        stop_pidfile "$(node_dir "$2")/kubelet.pid" kubelet 15; ok "kubelet of $(node_name "$2") stopped" ;;
+    kubelet-start) [[ "${2:-}" == cp || "${2:-}" == worker ]] || usage; need_root
+        [[ -s "$K8S/env" ]] || die "cluster not started"
+        # shellcheck disable=SC1091
+        . "$K8S/env"; start_kubelet "$2" ;;
     -h|--help|help) usage 0 ;;
     *) usage ;;
 esac

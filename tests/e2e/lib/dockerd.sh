@@ -18,6 +18,12 @@
 #                           when overlay2 does not work here)
 #   DOCKERD_START_TIMEOUT   seconds to wait for the API (default 30)
 #   DOCKERD_EXTRA_ARGS      appended to the dockerd command line
+#   DOCKERD_RUN_DIR         a directory that is this daemon's /run (= /var/run): dockerd runs
+#                           in a private mount namespace (a slave of the host's, so mounts made
+#                           on the host still reach it) with DOCKERD_RUN_DIR bind-mounted on
+#                           /run, and listens on /run/docker.sock there too. A container's
+#                           hostPath /var/run then is this node's, with this node's socket in it
+#                           (cluster.sh: one per node; the node agent's DaemonSet mounts it).
 #
 # Networking: --bridge=none --iptables=false --ip6tables=false --ip-masq=false:
 # no docker0, no iptables rules, so nothing outside our namespaces is touched.
@@ -81,11 +87,20 @@ EOF
     {
         echo "=== $(date -u +%FT%TZ) starting with storage driver $driver ${netns:+in netns $netns}"
     } >>"$LOG"
+    local launch=(dockerd)
+    if [[ -n "${DOCKERD_RUN_DIR:-}" ]]; then
+        mkdir -p "$DOCKERD_RUN_DIR"
+        rm -f "$DOCKERD_RUN_DIR/docker.sock"
+        args+=(--host unix:///run/docker.sock)
+        # shellcheck disable=SC2016  # expanded by the inner sh
+        launch=(unshare --mount --propagation slave -- sh -c 'mount --bind "$0" /run && exec dockerd "$@"' "$DOCKERD_RUN_DIR")
+        info "own /run: $DOCKERD_RUN_DIR (private mount namespace)"
+    fi
     if [[ -n "$netns" ]]; then
         [[ -e "/run/netns/$netns" ]] || die "network namespace $netns does not exist (run netns.sh up)"
-        setsid nsenter --net="/run/netns/$netns" dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null &
+        setsid nsenter --net="/run/netns/$netns" "${launch[@]}" "${args[@]}" >>"$LOG" 2>&1 </dev/null &
     else
-        setsid dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null &
+        setsid "${launch[@]}" "${args[@]}" >>"$LOG" 2>&1 </dev/null &
     fi
     local launcher=$!
     local deadline=$((SECONDS + DOCKER_TIMEOUT))
