@@ -154,7 +154,7 @@ impl Server {
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
         config.auth_limit.validate()?;
         let store = Arc::new(open_store(&config.data_dir)?);
-        let listener = TcpListener::bind(&config.listen)
+        let listener = tunnel_proto::driver::acceptor::bind_listener(&config.listen)
             .await
             .map_err(io_err(format!("binding {}", config.listen)))?;
         let local_addr = listener

@@ -145,6 +145,47 @@ pub enum Reject {
     },
 }
 
+/// The listen backlog [`bind_listener`] asks for when `/proc/sys/net/core/somaxconn` cannot be
+/// read (the kernel caps it at that value anyway).
+pub const FALLBACK_LISTEN_BACKLOG: u32 = 4096;
+
+/// The kernel's largest listen backlog (`net.core.somaxconn`).
+pub fn max_listen_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(FALLBACK_LISTEN_BACKLOG)
+}
+
+/// Binds a TCP listener with the kernel's largest backlog, where `TcpListener::bind` asks for
+/// 1024: a reconnect storm of agents, or a burst of Connects to a local service, can complete
+/// more handshakes than the accept loop takes in a scheduling turn. Past the backlog Linux
+/// answers with SYN cookies and drops the final ACK while the accept queue is full; the
+/// client believes it is connected, writes, and may then get a reset (seen as `Connection
+/// reset by peer` on streams of a 1,000-stream burst on a loaded 2-core machine). Go's
+/// `net.Listen` likewise asks for `somaxconn`.
+pub async fn bind_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last_err = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(max_listen_backlog()),
+            Err(err) => last_err = Some(err),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolved to nothing",
+        )
+    }))
+}
+
 /// The TCP peer of a request, in the extensions of every request handed to the router (the
 /// application's rate limits and audit lines need it; hyper's `Request` has no peer address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -95,10 +95,14 @@ pub fn raise_fd_limit() {
     rlimit::Resource::NOFILE.set(hard, hard).unwrap();
 }
 
-/// A TCP echo service on loopback.
+/// A TCP echo service on loopback, with the kernel's largest backlog: the 1,000-stream burst
+/// makes the agent complete 1,000 handshakes at once, more than `TcpListener::bind`'s 1024
+/// backlog holds while this accept loop waits for a turn on a loaded machine.
 pub async fn echo_server() -> std::net::SocketAddr {
     raise_fd_limit();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tunnel_proto::driver::acceptor::bind_listener("127.0.0.1:0")
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
