@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034,SC2317  # variables are the interface with the sourcing suite; helpers are called indirectly (wait_until)
 # The agents as pods (issue 14, points 2, 4, 5): steps shared by tests/e2e/pods.sh (the
 # two-node cluster of lib/cluster.sh behind the NAT) and, later, tests/kind/run.sh. Sourced after
 # suite-lib.sh (step/info/ok/fail/warn/wait_until/now/since/fcmp/indent/bg_run/stop_bg).
@@ -337,14 +338,14 @@ fault_rolling_update() {
     kube_probe_stop; state_stop
     info "Deployment rolled out ${t_dep}s after the apply, DaemonSet ${t_ds}s; old cluster agent pods gone after ${t_settled}s"
     kd -n "$CS" get pods -o wide 2>&1 | indent
-    [[ -z "$(kd -n "$CS" get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -v ":$tag\$")" ]] ||
+    if kd -n "$CS" get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -qv ":$tag\$"; then
         fail "pods not all on :$tag"
+    fi
     info "the server's view (seconds since the apply):"
     state_report "$t0" "${#NODES[@]}"
     kube_probe_report "$t0"
     info "the server's dials through tunnels meanwhile: $(dials_delta "$d0" "$(dials_snapshot)")"
     (($(probe_hangs kprobe) + $(probe_hangs xprobe) == 0)) || fail "kubectl hung"
-    AGENT_TAG_NOW="$tag"
     if fcmp "$NOT_CONNECTED" '<=' 0; then
         ok "rolling update to :$tag with $replicas replica(s): the cluster never stopped being Connected"
     else
@@ -374,6 +375,7 @@ fault_delete_node_agent() {
     local t_ready; t_ready="$(since "$t0")"
     wait_until 30 "docker works 3 times in a row" probe_ok_streak dprobe 3 || true
     probe_stop dprobe
+    T_NA_READY="$t_ready"
     info "new pod $(kd -n "$CS" get pods -l app=cattle-agent --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}') Ready ${t_ready}s after the delete"
     info "docker version through the server for $node, every 0.5 s (seconds since the delete):"
     probe_report dprobe "$t0"
@@ -385,6 +387,7 @@ fault_delete_node_agent() {
     first_ok="$(awk -v t0="$t0" 'BEGIN { f = 0 } $1 > t0 && $3 != 0 { f = 1 } f && $3 == 0 { printf "%.2f", $1 - t0; exit }' "$W/dprobe.probe")"
     (($(probe_hangs dprobe) == 0)) || fail "docker hung"
     probe_ok_streak dprobe 3 || fail "docker does not work again for $node"
+    T_DOCKER_BACK="${first_ok:-0}"
     ok "node agent on $node replaced in ${t_ready}s; docker through the server $(if [[ -n "$first_ok" ]]; then echo "back at +${first_ok}s"; else echo "never failed"; fi)"
 }
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2034  # BUSYBOX_IMAGE, KC_ARGV, WORKER, ...: read by the sourced pods-steps.sh
 # The agents as users run them (issue 14, points 2, 4, 5): the import manifest's Deployment
 # cattle-cluster-agent and DaemonSet cattle-node-agent as real pods in the real two-node cluster
 # of lib/cluster.sh behind the NAT router; tunnel-server on the management host.
@@ -29,7 +30,8 @@
 #   E2E_KEEP=1        keep the cluster, the server and the work directory up after the run
 #   PODS_KUBELET_STOP seconds the worker's kubelet is stopped (default 60)
 # Every wait is bounded; traffic only on loopback and inside the namespaces. The EXIT trap stops
-# what this script started (by pid), then `cluster.sh down`, whether the run passed or not.
+# what this script started (by pid), then `cluster.sh purge`, whether the run passed or not (the
+# next run starts from a fresh cluster; the Kubernetes build cache is kept).
 set -Eeuo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -47,7 +49,7 @@ export TPE2E_PREFIX="$P"
 export E2E_STATE="${E2E_STATE:-/tmp/$P}"
 C="$E2E_STATE/cluster"
 SRC_BIN="${E2E_BIN_DIR:-$REPO/target/debug}"
-NS_MGMT="$P-mgmt"; NS_NAT="$P-nat"; NS_DOWN="$P-down"
+NS_MGMT="$P-mgmt"; NS_DOWN="$P-down"
 MGMT_IP=10.213.0.1
 AGENT_REPO=tunnel-project
 AGENT_TAG=pods1
@@ -92,7 +94,7 @@ cleanup() {
     printf '\n[e2e %7.1fs] ======== teardown ========\n' "$(since "$E2E_T0")"
     local t0; t0="$(now)"
     if [[ "${E2E_KEEP:-0}" == 1 ]]; then
-        info "E2E_KEEP=1: server (pid $(pid_of server 2>/dev/null)), cluster and $W kept; stop with: kill $(pid_of server 2>/dev/null); TPE2E_PREFIX=$P E2E_STATE=$E2E_STATE $L/cluster.sh down"
+        info "E2E_KEEP=1: server (pid $(pid_of server 2>/dev/null)), cluster and $W kept; stop with: kill $(pid_of server 2>/dev/null); TPE2E_PREFIX=$P E2E_STATE=$E2E_STATE $L/cluster.sh purge; rm -rf $W"
     else
         if [[ -n "$W" && -d "$W/pids" ]]; then
             local pf name
@@ -106,7 +108,7 @@ cleanup() {
             stop_bg server TERM 10
         fi
         if ((CLUSTER_STARTED)); then
-            "$L/cluster.sh" down 2>&1 | grep -E '==>|OK|WARN' | indent
+            "$L/cluster.sh" purge 2>&1 | grep -E '==>|OK|WARN' | indent
         fi
         [[ -z "$W" || ! -d "$W" ]] || rm -rf "$W"
     fi
@@ -190,6 +192,12 @@ part "Part 1: the downstream cluster and the images"
 step "a real two-node Kubernetes cluster behind the NAT (cluster.sh up, with its verify)"
 CLUSTER_STARTED=1
 t0="$(now)"
+# A cluster state left by an earlier run (etcd data: its cattle-system, whose agents would dial a
+# server that is gone) is not reused: every run starts from a fresh cluster.
+if [[ -d "$C" ]]; then
+    info "removing the cluster state of an earlier run ($C): cluster.sh purge"
+    "$L/cluster.sh" purge >"$W/logs/cluster-purge.log" 2>&1 || { tail -n 20 "$W/logs/cluster-purge.log" >&2; fail "cluster.sh purge failed"; }
+fi
 "$L/cluster.sh" up >"$W/logs/cluster-up.log" 2>&1 || { tail -n 30 "$W/logs/cluster-up.log" >&2; fail "cluster.sh up failed"; }
 grep -E '==>|  OK' "$W/logs/cluster-up.log" | sed -E 's/^\[cluster\] //' | indent
 # shellcheck disable=SC1091
@@ -277,15 +285,15 @@ part "Part 4: faults with pods"
 fault_delete_cluster_agent
 result "cluster agent pod deleted (1 replica): not Connected" "${NOT_CONNECTED}s (slowest kubectl $(probe_max kprobe)s)"
 fault_rolling_update pods2
-result "rolling update to :pods2 (1 replica): not Connected" "${NOT_CONNECTED}s (nodes short ${NODES_DOWN}s)"
+result "rolling update to :pods2 (1 replica): not Connected" "${NOT_CONNECTED}s (fewer nodes connected ${NODES_DOWN}s)"
 fault_scale_two
 fault_delete_cluster_agent
 result "cluster agent pod deleted (2 replicas): not Connected" "${NOT_CONNECTED}s (slowest kubectl $(probe_max kprobe)s)"
 fault_rolling_update pods3
-result "rolling update to :pods3 (2 replicas): not Connected" "${NOT_CONNECTED}s (nodes short ${NODES_DOWN}s)"
+result "rolling update to :pods3 (2 replicas): not Connected" "${NOT_CONNECTED}s (fewer nodes connected ${NODES_DOWN}s)"
 for i in "${!NODES[@]}"; do
     fault_delete_node_agent "${NODES[$i]}" "${NODE_IDS[$i]}"
-    result "node agent pod deleted on ${NODES[$i]}: new pod Ready / docker failing" "$(awk '$3 != 0' "$W/dprobe.probe" | wc -l) failed calls, slowest $(probe_max dprobe)s"
+    result "node agent pod deleted on ${NODES[$i]}: new pod Ready after" "${T_NA_READY}s; docker back at +${T_DOCKER_BACK}s, $(awk '$3 != 0' "$W/dprobe.probe" | wc -l) calls failed (fast)"
 done
 for i in "${!NODES[@]}"; do [[ "${NODES[$i]}" == "$WORKER" ]] && wid="${NODE_IDS[$i]}"; done
 fault_kubelet "$WORKER" "$wid" "$KUBELET_STOP"
