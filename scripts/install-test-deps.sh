@@ -12,6 +12,7 @@ packages=(
   iproute2 iptables socat curl tmux ca-certificates procps
   kubectl          # server tests: the real kubectl through the server
   python3-yaml jq openssl  # deploy tests: read manifests, query the API, make certificates
+  containernetworking-plugins conntrack gcc libc6-dev  # the e2e cluster: pod networks, kube-proxy, the pause binary
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -31,8 +32,9 @@ systemctl disable --now tinyproxy >/dev/null 2>&1 || service tinyproxy stop >/de
 # the Go toolchain its go.mod asks for, through the Go module proxy.
 bash tests/interop/build.sh
 
-# The real kube-apiserver and etcd for the deploy and e2e suites, built from their Go modules
-# once per machine (about 12 minutes the first time; cached in ~/.cache/tunnel-e2e).
+# The real kube-apiserver, etcd, kubectl, and the cluster's kube-controller-manager, kube-scheduler,
+# kubelet, kube-proxy and cri-dockerd for the deploy and e2e suites, built from their Go modules
+# once per machine (about 30 minutes the first time on 2 cores; cached in ~/.cache/tunnel-e2e).
 bash tests/e2e/lib/build-k8s.sh
 
 # Fuzzing needs nightly (present on these machines) and cargo-fuzz.
