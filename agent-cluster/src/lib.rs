@@ -130,7 +130,7 @@ pub struct Args {
     /// How long to wait at start for kube-controller-manager's token controller to fill the
     /// token of service account cattle's kubernetes.io/service-account-token Secret (created
     /// if missing, as Rancher's agent does) before reporting the pod's projected token
-    /// instead. Default 30s.
+    /// instead. Default 10s (the controller takes milliseconds; Rancher waits about 5 s).
     #[arg(long, env = ENV_SA_TOKEN_WAIT, value_name = "DURATION")]
     pub sa_token_wait: Option<String>,
 

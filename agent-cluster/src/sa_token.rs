@@ -50,7 +50,7 @@ pub const SECRET_TYPE: &str = "kubernetes.io/service-account-token";
 pub const TOKEN_KEY: &str = "token";
 
 /// Default for `--sa-token-wait`.
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// Default for `--sa-token-recheck`.
 pub const DEFAULT_RECHECK: Duration = Duration::from_secs(60);
 
