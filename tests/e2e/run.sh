@@ -270,6 +270,9 @@ chmod 700 "$W/agents/credentials"; chmod 400 "$W/agents/credentials"/*
 info "Deployment env: $(printf '%s ' "${CLUSTER_ENV[@]}" | sed 's/CATTLE_CA_CHECKSUM=\([0-9a-f]\{12\}\)[0-9a-f]*/CATTLE_CA_CHECKSUM=\1…/')"
 info "credentials from Secret $CRED_NAME: url=$(cat "$W/agents/credentials/url") token=$(head -c 6 "$W/agents/credentials/token")…"
 [[ -n "$BACKOFF_MAX" ]] && info "CATTLE_AGENT_BACKOFF_MAX=$BACKOFF_MAX"
+# CATTLE_SA_TOKEN_WAIT=1s: the lone apiserver has no token controller, so SA cattle's token
+# Secret stays empty; the agent falls back to the token above after 1 s instead of its default
+# 10 s. (With kube-controller-manager, as in tests/e2e/pods.sh, the Secret's token is used.)
 start_cluster_agent() {   # start_cluster_agent NAME
     local name="$1" hp
     mkdir -p "$W/agents/$name/state"
@@ -281,6 +284,7 @@ start_cluster_agent() {   # start_cluster_agent NAME
         CATTLE_SA_TOKEN_FILE="$W/agents/sa/token" CATTLE_SA_CA_FILE="$W/agents/sa/ca.crt" \
         CATTLE_CREDENTIALS_DIR="$W/agents/credentials" CATTLE_AGENT_STATE_DIR="$W/agents/$name/state" \
         CATTLE_AGENT_HEALTH_ADDR="127.0.0.1:$hp" ${BACKOFF_MAX:+CATTLE_AGENT_BACKOFF_MAX=$BACKOFF_MAX} \
+        CATTLE_SA_TOKEN_WAIT=1s \
         ${E2E_TRACE:+CATTLE_TRACE=true} "$BIN/cattle-cluster-agent"
 }
 agent_ready() { ind curl -sf --max-time 2 "http://127.0.0.1:$(cat "$W/agents/$1/health-port")/readyz"; }
@@ -315,6 +319,7 @@ start_node_agent() {   # start_node_agent NAME [extra VAR=value...]
         "${NODE_ENV[@]}" CATTLE_NODE_NAME="$NODE_NAME" CATTLE_DOCKER_SOCKET="$DOCKER_SOCK" \
         CATTLE_CREDENTIALS_DIR="$W/agents/credentials" CATTLE_AGENT_STATE_DIR="$W/agents/$name/state" \
         CATTLE_AGENT_HEALTH_ADDR="127.0.0.1:$hp" ${BACKOFF_MAX:+CATTLE_AGENT_BACKOFF_MAX=$BACKOFF_MAX} \
+        CATTLE_SA_TOKEN_WAIT=1s \
         ${E2E_TRACE:+CATTLE_TRACE=true} "$@" "$BIN/cattle-node-agent"
 }
 start_node_agent na1
