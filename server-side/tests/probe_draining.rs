@@ -12,30 +12,15 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
 use tokio::time::{Instant, timeout};
 use tunnel_proto::driver::Tunnel;
-use tunnel_proto::driver::connector::{Connector, ConnectorConfig, Trust};
-use tunnel_proto::{Role, SessionConfig};
+use tunnel_proto::driver::connector::Trust;
 
 use support::*;
 
 /// An aggregation tunnel whose agent refuses every dial, as a draining agent does.
 async fn draining_stv(server: &ServerProc, registration_token: &str, trust: Trust) -> Tunnel {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer stv-cluster-{registration_token}")).unwrap(),
-    );
-    let mut config =
-        ConnectorConfig::new(format!("wss://127.0.0.1:{}/v3/connect", server.addr.port()));
-    config.set_headers(headers).set_trust(trust);
-    let ws = Connector::new(config)
-        .unwrap()
-        .connect()
-        .await
-        .expect("stv tunnel");
-    Tunnel::spawn(ws, SessionConfig::new(Role::Client), Arc::new(|_| false))
+    dial_stv(server, registration_token, trust, Arc::new(|_| false)).await
 }
 
 async fn sessions(server: &ServerProc) -> String {

@@ -437,9 +437,14 @@ pub async fn connect_agent(
     Ok(tunnel)
 }
 
-/// The steve-aggregation tunnel: every stream is served by a local HTTP server answering
-/// `GET /ping` with `pong`.
-pub async fn connect_stv(server: &ServerProc, registration_token: &str, trust: Trust) -> Tunnel {
+/// Dials the steve-aggregation tunnel (`Bearer stv-cluster-<token>`) with `authorizer`
+/// deciding the server's Connects; nothing serves its streams.
+pub async fn dial_stv(
+    server: &ServerProc,
+    registration_token: &str,
+    trust: Trust,
+    authorizer: tunnel_proto::mux::Authorizer,
+) -> Tunnel {
     let mut headers = HeaderMap::new();
     headers.insert(
         "authorization",
@@ -453,7 +458,13 @@ pub async fn connect_stv(server: &ServerProc, registration_token: &str, trust: T
         .connect()
         .await
         .expect("stv tunnel");
-    let tunnel = Tunnel::spawn(ws, SessionConfig::new(Role::Client), Arc::new(|_| true));
+    Tunnel::spawn(ws, SessionConfig::new(Role::Client), authorizer)
+}
+
+/// The steve-aggregation tunnel: every stream is served by a local HTTP server answering
+/// `GET /ping` with `pong`.
+pub async fn connect_stv(server: &ServerProc, registration_token: &str, trust: Trust) -> Tunnel {
+    let tunnel = dial_stv(server, registration_token, trust, Arc::new(|_| true)).await;
     let accept = tunnel.clone();
     tokio::spawn(async move {
         while let Some(stream) = accept.accept().await {
