@@ -454,3 +454,96 @@ async fn fragmented_and_large_messages_are_reassembled() {
     assert!(server.close_reason().is_none());
     assert!(server.take_protocol_errors().is_empty());
 }
+
+/// A local service with a small receive buffer that reads nothing until `go`, then reads
+/// slowly (so the agent's writes keep finding the socket full) to the end. Returns what it read.
+async fn gated_sink() -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<Vec<u8>>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go, gate) = tokio::sync::oneshot::channel::<()>();
+    let (done, got) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        if gate.await.is_err() {
+            return;
+        }
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        // Bounded: 10,000 reads of at most 16 KiB, 1 ms apart.
+        for _ in 0..10_000 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ = done.send(received);
+    });
+    (addr, go, got)
+}
+
+/// The peer writes and closes while the agent's local socket is full; every byte it wrote
+/// before the close still reaches that socket. (The pipe used to end with an error as soon as
+/// the close made the stream unwritable, dropping what the stream still held for the socket.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_before_a_close_reach_a_blocked_local_socket() {
+    // Under the agent's pause threshold, so the server sends it all without waiting for the sink.
+    const SIZE: usize = 768 << 10;
+    let (sink, go, received) = gated_sink().await;
+    let (client_ws, server_ws) = ws_pair_tcp().await;
+    let agent = Tunnel::spawn(client_ws, SessionConfig::new(Role::Client), allow_tcp());
+    let server = Tunnel::spawn(server_ws, SessionConfig::new(Role::Server), allow_none());
+    // The agent's side of each local connection gets a small send buffer (no autotuning), so the
+    // agent's writes find the socket full and the stream keeps what the socket cannot take.
+    let pipes = agent.clone();
+    tokio::spawn(async move {
+        while let Some(stream) = pipes.accept().await {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(16 << 10).unwrap();
+            let address = stream.target().address.parse().unwrap();
+            let local = socket.connect(address).await.unwrap();
+            tokio::spawn(tunnel_proto::driver::pipe(stream, local));
+        }
+    });
+    let echo = echo_server().await;
+
+    let data = payload(11, SIZE);
+    let mut stream = server.open("tcp", &sink.to_string()).unwrap();
+    stream.write_all(&data).await.unwrap();
+    drop(stream);
+    // The server forgets the stream once its close is on the wire, after all of its data.
+    let sent = timeout(Duration::from_secs(10), async {
+        while server.stream_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(sent.is_ok(), "the server did not send its data and close");
+    // One session, handled in order: once a later stream has echoed, the agent has the close.
+    let mut probe = server.open("tcp", &echo.to_string()).unwrap();
+    probe.write_all(b"?").await.unwrap();
+    let mut byte = [0u8; 1];
+    probe.read_exact(&mut byte).await.unwrap();
+    drop(probe);
+    let held = agent.stream_count();
+    go.send(()).unwrap();
+
+    let got = timeout(Duration::from_secs(30), received)
+        .await
+        .expect("the sink saw its socket end")
+        .unwrap();
+    println!(
+        "the agent held {held} stream(s) when the sink began to read; it got {} of {SIZE} bytes",
+        got.len()
+    );
+    assert_eq!(got.len(), SIZE, "bytes written before the close were lost");
+    assert_eq!(checksum(&got), checksum(&data));
+    assert_streams_drain(&[&agent, &server]).await;
+}

@@ -60,9 +60,16 @@ const READ_CHUNK: usize = 32 << 10;
 const TURNS_PER_POLL: usize = 16;
 
 /// Copies both ways until either side ends or fails, then closes both.
+///
+/// When the peer closes, the stream stops taking bytes at once but may still hold bytes it
+/// received before the close: those are all written to the socket before the pipe ends (the
+/// local direction stops; the tunnel direction drains to its end).
 pub async fn pipe<S: LocalSocket>(mut stream: Stream, mut socket: S) -> io::Result<PipeStats> {
     let mut stats = PipeStats::default();
     let mut outgoing: Option<Bytes> = None;
+    // Set once the stream stops taking bytes: its receive side has ended too (a close or a
+    // reset ends both ways), so reading it to its end finishes the pipe.
+    let mut tunnel_unwritable = false;
     let result = std::future::poll_fn(|cx| {
         let mut turns = 0;
         // Tunnel -> local.
@@ -95,7 +102,7 @@ pub async fn pipe<S: LocalSocket>(mut stream: Stream, mut socket: S) -> io::Resu
             }
         }
         // Local -> tunnel.
-        loop {
+        while !tunnel_unwritable {
             if turns >= 2 * TURNS_PER_POLL {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
@@ -103,7 +110,12 @@ pub async fn pipe<S: LocalSocket>(mut stream: Stream, mut socket: S) -> io::Resu
             turns += 1;
             let room = match stream.poll_send_capacity(cx) {
                 Poll::Ready(Ok(room)) => room,
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                // Bytes received before the end still go to the socket: the read side above
+                // reports the end (or the failure) once they have.
+                Poll::Ready(Err(_)) => {
+                    tunnel_unwritable = true;
+                    break;
+                }
                 Poll::Pending => break,
             };
             match socket.poll_read_ready(cx) {
@@ -117,10 +129,14 @@ pub async fn pipe<S: LocalSocket>(mut stream: Stream, mut socket: S) -> io::Resu
                     stats.local_ended = true;
                     return Poll::Ready(Ok(()));
                 }
-                Ok(n) => {
-                    stream.write_now(&buf[..n])?;
-                    stats.to_tunnel += n as u64;
-                }
+                Ok(n) => match stream.write_now(&buf[..n]) {
+                    Ok(_) => stats.to_tunnel += n as u64,
+                    // Closed between the capacity check and the write: as above.
+                    Err(_) => {
+                        tunnel_unwritable = true;
+                        break;
+                    }
+                },
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) => return Poll::Ready(Err(err)),
             }

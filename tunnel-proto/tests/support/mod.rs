@@ -17,6 +17,11 @@ pub fn allow_tcp() -> Authorizer {
     Arc::new(|t| t.proto == "tcp")
 }
 
+/// A server's authorizer: the agent opens nothing.
+pub fn allow_none() -> Authorizer {
+    Arc::new(|_| false)
+}
+
 /// A websocket pair over real loopback TCP: (client side, server side).
 pub async fn ws_pair_tcp() -> (WebSocketStream<TcpStream>, WebSocketStream<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -62,11 +67,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let agent = Tunnel::spawn(client_ws, SessionConfig::new(Role::Client), allow_tcp());
-    let server = Tunnel::spawn(
-        server_ws,
-        SessionConfig::new(Role::Server),
-        Arc::new(|_| false),
-    );
+    let server = Tunnel::spawn(server_ws, SessionConfig::new(Role::Server), allow_none());
     serve_agent(agent.clone());
     (agent, server)
 }
