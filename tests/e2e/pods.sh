@@ -43,6 +43,8 @@ _tpe2e_name=pods
 . "$REPO/tests/e2e/suite-lib.sh"
 # shellcheck source=pods-steps.sh
 . "$REPO/tests/e2e/pods-steps.sh"
+# shellcheck source=pods-stream-steps.sh
+. "$REPO/tests/e2e/pods-stream-steps.sh"
 
 P="${TPE2E_PREFIX:-tpe2e}"
 export TPE2E_PREFIX="$P"
@@ -56,6 +58,8 @@ AGENT_TAG=pods1
 BUSYBOX_IMAGE=tpe2e/busybox:latest
 KUBELET_STOP="${PODS_KUBELET_STOP:-60}"
 SUSER=ops
+CLUSTER_NAME=pods-downstream
+TMUX_SOCK="$P-pods-$$"
 unset HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy KUBECONFIG DOCKER_HOST DOCKER_CONTEXT
 
 W=""
@@ -92,6 +96,7 @@ cleanup() {
         warn "logs kept in /tmp/$P-pods-logs.$$"
     fi
     printf '\n[e2e %7.1fs] ======== teardown ========\n' "$(since "$E2E_T0")"
+    tmux -L "$TMUX_SOCK" kill-server 2>/dev/null
     local t0; t0="$(now)"
     if [[ "${E2E_KEEP:-0}" == 1 ]]; then
         info "E2E_KEEP=1: server (pid $(pid_of server 2>/dev/null)), cluster and $W kept; stop with: kill $(pid_of server 2>/dev/null); TPE2E_PREFIX=$P E2E_STATE=$E2E_STATE $L/cluster.sh purge; rm -rf $W"
@@ -153,6 +158,13 @@ images_tag() {
     local n
     for n in cp worker; do timeout 60 docker -H "unix://$C/nodes/$n/docker/docker.sock" tag "$1" "$2"; done
 }
+kc_cmdline() {
+    local user="$1"; shift
+    printf '%q ' ip netns exec "$NS_MGMT" env -i PATH=/usr/bin:/bin HOME="$W/home" TERM=xterm \
+        KUBECONFIG="$W/$user.kubeconfig" "$@" "$KUBECTL"
+}
+on_mgmt() { inm "$@"; }
+server_log() { cat "$W/logs/server.log"; }
 kubelet_stop() { "$L/cluster.sh" kubelet-stop "$(node_key "$1")" 2>&1 | grep -E 'OK|WARN|FAIL'; }
 kubelet_start() { "$L/cluster.sh" kubelet-start "$(node_key "$1")" 2>&1 | grep -E 'OK|WARN|FAIL'; }
 
@@ -162,7 +174,7 @@ part "Part 0: prerequisites"
 
 step "prerequisites: root, tools, the debug binaries, the cached Kubernetes binaries"
 need_root
-need_cmd ip nsenter setsid unshare docker dockerd jq curl python3 openssl awk md5sum
+need_cmd ip nsenter setsid unshare docker dockerd jq curl python3 openssl awk md5sum tmux sha256sum
 eval "$("$L/build-k8s.sh" paths)"
 [[ -x "$KUBECTL" && -x "$KUBELET" && -x "$CRI_DOCKERD" ]] || fail "Kubernetes binaries not built: run tests/e2e/lib/build-k8s.sh all"
 export KUBECTL
@@ -234,7 +246,7 @@ info "listening at $SERVER_URL (pid $(pid_of server)), up in ${WAITED}s"
 info "from a pod's node ($NS_DOWN) through the NAT: GET /ping -> $(ind curl -sS --max-time 5 --cacert "$W/server/ca.pem" "$SERVER_URL/ping")"
 
 step "tunnel-server cluster add / user add / kubeconfig; the downstream RBAC for the user"
-ts cluster add pods-downstream >"$W/cluster-add.out"
+ts cluster add "$CLUSTER_NAME" >"$W/cluster-add.out"
 indent <"$W/cluster-add.out"
 CLUSTER_ID="$(sed -n 's/^cluster .* created as \([^ ]*\)$/\1/p' "$W/cluster-add.out")"
 IMPORT_URL="$(awk '/kubectl apply -f/ {print $NF}' "$W/cluster-add.out")"
@@ -244,8 +256,8 @@ ADMIN_TOKEN="$(sed -n 's/^API token (shown once): //p' "$W/user-admin.out")"
 ts user add "$SUSER" >"$W/user-$SUSER.out"
 OPS_TOKEN="$(sed -n 's/^API token (shown once): //p' "$W/user-$SUSER.out")"
 [[ -n "$ADMIN_TOKEN" && -n "$OPS_TOKEN" ]] || fail "no API token from 'user add'"
-ts grant "$SUSER" pods-downstream | indent
-ts kubeconfig pods-downstream --user "$SUSER" >"$W/$SUSER.kubeconfig"
+ts grant "$SUSER" "$CLUSTER_NAME" | indent
+ts kubeconfig "$CLUSTER_NAME" --user "$SUSER" >"$W/$SUSER.kubeconfig"
 chmod 600 "$W/$SUSER.kubeconfig"
 KC_ARGV=(ip netns exec "$NS_MGMT" env -i PATH=/usr/bin:/bin HOME="$W/home" KUBECONFIG="$W/$SUSER.kubeconfig" "$KUBECTL")
 info "$SUSER.kubeconfig server: $(awk '/server:/ {print $2}' "$W/$SUSER.kubeconfig")"
@@ -269,6 +281,11 @@ ok "direct $APISERVER_URL from $NS_MGMT: curl exit $rc (everything goes through 
 part "Part 3: kubectl through the server"
 # =====================================================================================
 pods_workload
+
+# =====================================================================================
+part "Part 3b: streams into pods (exec -it, attach, port-forward, cp, logs -f, run, debug)"
+# =====================================================================================
+pods_streaming
 
 step "docker through the server, for each node (the node agents' tunnels to their own node's dockerd)"
 for i in "${!NODES[@]}"; do

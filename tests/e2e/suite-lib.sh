@@ -144,7 +144,7 @@ stop_bg() {
 }
 
 # fd_count NAME: open file descriptors of NAME's process.
-fd_count() { local p; p="$(pid_of "$1")"; ls "/proc/$p/fd" 2>/dev/null | wc -l; }
+fd_count() { local p; p="$(pid_of "$1")"; find "/proc/$p/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 # thread_count NAME
 thread_count() { local p; p="$(pid_of "$1")"; awk '/^Threads:/ {print $2}' "/proc/$p/status" 2>/dev/null; }
 
@@ -158,9 +158,11 @@ cleanenv() { env -i PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 ts() { inm env -i PATH=/usr/bin:/bin RUST_LOG=warn "$BIN/tunnel-server" --data-dir "$W/server" "$@"; }
 
+# kc passes KUBECTL_REMOTE_COMMAND_WEBSOCKETS through when set (false: exec and attach use SPDY).
 kc() {
     local user="$1"; shift
-    inm env -i PATH=/usr/bin:/bin HOME="$W/home" KUBECONFIG="$W/$user.kubeconfig" "$KUBECTL" "$@"
+    inm env -i PATH=/usr/bin:/bin HOME="$W/home" KUBECONFIG="$W/$user.kubeconfig" \
+        ${KUBECTL_REMOTE_COMMAND_WEBSOCKETS:+KUBECTL_REMOTE_COMMAND_WEBSOCKETS=$KUBECTL_REMOTE_COMMAND_WEBSOCKETS} "$KUBECTL" "$@"
 }
 # kc_distro USER ARGS...: the same with Debian's /usr/bin/kubectl (an older release).
 kc_distro() {

@@ -107,6 +107,8 @@ pub struct Audit {
     user: String,
     method: Method,
     path: String,
+    /// The protocol asked for in `Upgrade` (`websocket`, `SPDY/3.1`), for streaming requests.
+    upgrade: Option<String>,
     started: tokio::time::Instant,
     status: AtomicU16,
     bytes_in: Arc<AtomicU64>,
@@ -129,6 +131,7 @@ impl Audit {
             user: "-".to_owned(),
             method: method.clone(),
             path: path.to_owned(),
+            upgrade: None,
             started: tokio::time::Instant::now(),
             status: AtomicU16::new(0),
             bytes_in: Arc::default(),
@@ -179,6 +182,7 @@ impl Drop for Audit {
             target_id = %self.target,
             verb = %self.method,
             path = %self.path,
+            upgrade = self.upgrade.as_deref().unwrap_or("-"),
             status,
             bytes_in,
             bytes_out,
@@ -345,7 +349,7 @@ pub(crate) async fn forward<C, F>(
     app: &crate::app::App,
     mut req: Request<Incoming>,
     rewrite: Rewrite,
-    audit: Audit,
+    mut audit: Audit,
     upstream: Upstream<C>,
 ) -> Response<ResponseBody>
 where
@@ -353,6 +357,12 @@ where
     F: std::future::Future<Output = Fresh>,
 {
     let upgrade = is_upgrade(req.headers());
+    if upgrade {
+        // Named in the audit line (capped: the client chose it).
+        let asked = req.headers().get(UPGRADE).map(HeaderValue::as_bytes);
+        let asked = String::from_utf8_lossy(asked.unwrap_or_default());
+        audit.upgrade = Some(asked.chars().take(40).collect());
+    }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
