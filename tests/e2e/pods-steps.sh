@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034,SC2317  # variables are the interface with the sourcing suite; helpers are called indirectly (wait_until)
 # The agents as pods (issue 14, points 2, 4, 5): steps shared by tests/e2e/pods.sh (the
-# two-node cluster of lib/cluster.sh behind the NAT) and, later, tests/kind/run.sh. Sourced after
-# suite-lib.sh (step/info/ok/fail/warn/wait_until/now/since/fcmp/indent/bg_run/stop_bg).
+# two-node cluster of lib/cluster.sh behind the NAT) and tests/kind/run.sh (a kind cluster).
+# Sourced after suite-lib.sh (step/info/ok/fail/warn/wait_until/now/since/fcmp/indent/bg_run/stop_bg).
 #
 # The suite provides these, and nothing here knows where the cluster runs:
 #   kd ARGS...              the downstream cluster's own admin kubectl
@@ -19,8 +19,19 @@
 # and these variables: W (work dir, with pids/ and logs/), CLUSTER_ID, IMPORT_URL, SUSER,
 # AGENT_TAG (the tag the server renders), NODES (Kubernetes node names), WORKER (one of them),
 # BUSYBOX_IMAGE.
+#
+# NODE_AGENTS=0 (default 1): the suite runs no node agents (tests/kind: kind nodes run containerd
+# and have no Docker socket for them): pods_import applies the manifest without ?nodeAgent=true
+# and waits for neither the DaemonSet nor the nodes, fault_rolling_update leaves the node agent's
+# image and DaemonSet alone, fault_kubelet shows no docker column, and the suite does not call
+# fault_delete_node_agent (nor needs dk_argv). With the default nothing changes.
 
 CS=cattle-system
+
+# node_agents: true unless the suite set NODE_AGENTS=0.
+node_agents() { [[ "${NODE_AGENTS:-1}" != 0 ]]; }
+# nodes_expected: how many nodes the server should list connected (0 without node agents).
+nodes_expected() { if node_agents; then echo "${#NODES[@]}"; else echo 0; fi; }
 
 # === probes run in the background ===
 
@@ -116,24 +127,34 @@ dials_delta() {
 # === point 2: the import, as an operator runs it ===
 
 pods_import() {
-    step "import as an operator: on the downstream control-plane host, curl <import URL>?nodeAgent=true | kubectl apply -f -"
-    IMPORT_CMD="curl --cacert \"\$DOWN_CA\" -sfL '$IMPORT_URL?nodeAgent=true' | kubectl apply -f -"
+    local na_q="?nodeAgent=true" na_note="the DaemonSet comes with ?nodeAgent=true"
+    node_agents || { na_q=""; na_note="NODE_AGENTS=0: no DaemonSet"; }
+    step "import as an operator: on the downstream control-plane host, curl <import URL>$na_q | kubectl apply -f -"
+    IMPORT_CMD="curl --cacert \"\$DOWN_CA\" -sfL '$IMPORT_URL$na_q' | kubectl apply -f -"
     info "the command 'cluster add' printed: kubectl apply -f $IMPORT_URL"
-    info "run: $IMPORT_CMD   (the DaemonSet comes with ?nodeAgent=true; the CA is the server's /cacerts)"
+    info "run: $IMPORT_CMD   ($na_note; the CA is the server's /cacerts)"
     T_IMPORT="$(now)"
     downstream_sh "$IMPORT_CMD" 2>&1 | indent
     ok "applied in $(since "$T_IMPORT")s"
 
-    step "kubectl rollout status: Deployment $CS/cattle-cluster-agent, DaemonSet $CS/cattle-node-agent"
+    if node_agents; then
+        step "kubectl rollout status: Deployment $CS/cattle-cluster-agent, DaemonSet $CS/cattle-node-agent"
+    else
+        step "kubectl rollout status: Deployment $CS/cattle-cluster-agent (NODE_AGENTS=0: no DaemonSet)"
+    fi
     local t0
     t0="$(now)"
     kd -n "$CS" rollout status deployment/cattle-cluster-agent --timeout=180s 2>&1 | indent ||
         fail "the cluster agent's Deployment did not roll out"
     T_ROLLOUT_DEPLOY="$(since "$T_IMPORT")"
-    kd -n "$CS" rollout status daemonset/cattle-node-agent --timeout=180s 2>&1 | indent ||
-        fail "the node agent's DaemonSet did not roll out"
-    T_ROLLOUT_DS="$(since "$T_IMPORT")"
-    info "rollout: Deployment available ${T_ROLLOUT_DEPLOY}s after the apply, DaemonSet ${T_ROLLOUT_DS}s (status calls took $(since "$t0")s)"
+    if node_agents; then
+        kd -n "$CS" rollout status daemonset/cattle-node-agent --timeout=180s 2>&1 | indent ||
+            fail "the node agent's DaemonSet did not roll out"
+        T_ROLLOUT_DS="$(since "$T_IMPORT")"
+        info "rollout: Deployment available ${T_ROLLOUT_DEPLOY}s after the apply, DaemonSet ${T_ROLLOUT_DS}s (status calls took $(since "$t0")s)"
+    else
+        info "rollout: Deployment available ${T_ROLLOUT_DEPLOY}s after the apply (status call took $(since "$t0")s)"
+    fi
     kd -n "$CS" get deployment,daemonset,pods -o wide 2>&1 | indent
     local replicas
     replicas="$(kd -n "$CS" get deployment cattle-cluster-agent -o jsonpath='{.spec.replicas}')"
@@ -142,17 +163,27 @@ pods_import() {
     kd -n "$CS" get pods -l app=cattle-cluster-agent -o json | jq -r '.items[0] | "cluster agent pod \(.metadata.name) on \(.spec.nodeName) ip \(.status.podIP), image \(.spec.containers[0].image), env: \([.spec.containers[0].env[].name] | join(","))"' | indent
     kd -n "$CS" get pods -l app=cattle-agent -o json | jq -r '.items[] | "node agent pod \(.metadata.name) on \(.spec.nodeName) (hostNetwork \(.spec.hostNetwork)), image \(.spec.containers[0].image)"' | indent
 
-    step "the server lists the cluster Connected and both nodes connected (/v1/clusters, /v1/nodes, CLI)"
+    if node_agents; then
+        step "the server lists the cluster Connected and both nodes connected (/v1/clusters, /v1/nodes, CLI)"
+    else
+        step "the server lists the cluster Connected (/v1/clusters, CLI; NODE_AGENTS=0: no nodes)"
+    fi
     probe_connected() { api "/v1/clusters/$CLUSTER_ID" | jq -e '.connected == true and .tunnel == true and .aggregationTunnel == true'; }
     wait_until 60 "cluster Connected" probe_connected || fail "cluster not Connected: $(api "/v1/clusters/$CLUSTER_ID")"
     info "Connected ${WAITED}s after the rollout status returned ($(since "$T_IMPORT")s after the apply)"
     nodes_connected() { [[ "$(api "/v1/nodes?cluster=$CLUSTER_ID" | jq '[(.items // .)[] | select(.connected)] | length')" == "${#NODES[@]}" ]]; }
-    wait_until 60 "${#NODES[@]} nodes connected" nodes_connected || fail "nodes: $(api "/v1/nodes?cluster=$CLUSTER_ID")"
+    if node_agents; then
+        wait_until 60 "${#NODES[@]} nodes connected" nodes_connected || fail "nodes: $(api "/v1/nodes?cluster=$CLUSTER_ID")"
+    fi
     T_CONNECTED="$(since "$T_IMPORT")"
     api "/v1/clusters/$CLUSTER_ID" | jq -c '{id, name, apiEndpoint, tunnel, aggregationTunnel, connected}' | indent
     api "/v1/nodes?cluster=$CLUSTER_ID" | jq -c '(.items // .)[] | {id, hostname, connected, docker: .params.dockerInfo.ServerVersion}' | indent
     ts cluster list | indent
     NODE_IDS=()
+    if ! node_agents; then
+        ok "cluster $CLUSTER_ID Connected; ${T_CONNECTED}s from the apply"
+        return 0
+    fi
     local n id
     for n in "${NODES[@]}"; do
         id="$(api "/v1/nodes?cluster=$CLUSTER_ID" | jq -r --arg h "$n" '(.items // .)[] | select(.hostname == $h) | .id')"
@@ -296,7 +327,7 @@ fault_delete_cluster_agent() {
     ca_pods | indent
     kube_probe_report "$t0"
     info "the server's view:"
-    state_report "$t0" "${#NODES[@]}"
+    state_report "$t0" "$(nodes_expected)"
     info "the server's dials through tunnels meanwhile (pooled = an idle upstream connection reused): $(dials_delta "$d0" "$(dials_snapshot)")"
     local h; h="$(($(probe_hangs kprobe) + $(probe_hangs xprobe)))"
     ((h == 0)) || fail "$h kubectl call(s) hung until their timeout"
@@ -317,32 +348,36 @@ fault_scale_two() {
 
 # fault_rolling_update TAG: the import manifest applied again with the agents' images at TAG.
 fault_rolling_update() {
-    local tag="$1" replicas t0 img
+    local tag="$1" replicas t0 img imgs=(cattle-cluster-agent) na_q=""
+    if node_agents; then imgs+=(cattle-node-agent); na_q="?nodeAgent=true"; fi
     replicas="$(kd -n "$CS" get deployment cattle-cluster-agent -o jsonpath='{.spec.replicas}')"
     step "fault: the import manifest re-applied with agent image tag :$tag (rolling update, $replicas replica(s)); /v1/clusters polled every 150 ms"
-    for img in cattle-cluster-agent cattle-node-agent; do images_tag "$AGENT_REPO/$img:$AGENT_TAG" "$AGENT_REPO/$img:$tag"; done
+    for img in "${imgs[@]}"; do images_tag "$AGENT_REPO/$img:$AGENT_TAG" "$AGENT_REPO/$img:$tag"; done
     info "same binaries, new tag :$tag on every node (what the server renders stays :$AGENT_TAG; the fetched manifest's image lines are changed)"
     kube_probe_start; state_start
     sleep 2
     local d0; d0="$(dials_snapshot)"
     t0="$(now)"
-    downstream_sh "curl --cacert \"\$DOWN_CA\" -sfL '$IMPORT_URL?nodeAgent=true' | sed 's#\\(image: \"$AGENT_REPO/cattle-[a-z-]*-agent\\):[^\"]*\"#\\1:$tag\"#' | kubectl apply -f -" 2>&1 |
+    downstream_sh "curl --cacert \"\$DOWN_CA\" -sfL '$IMPORT_URL$na_q' | sed 's#\\(image: \"$AGENT_REPO/cattle-[a-z-]*-agent\\):[^\"]*\"#\\1:$tag\"#' | kubectl apply -f -" 2>&1 |
         grep -vE ' unchanged$' | indent
     kd -n "$CS" rollout status deployment/cattle-cluster-agent --timeout=180s 2>&1 | tail -n 1 | indent || fail "the Deployment's rollout did not finish"
     local t_dep; t_dep="$(since "$t0")"
-    kd -n "$CS" rollout status daemonset/cattle-node-agent --timeout=180s 2>&1 | tail -n 1 | indent || fail "the DaemonSet's rollout did not finish"
-    local t_ds; t_ds="$(since "$t0")"
+    local t_ds=""
+    if node_agents; then
+        kd -n "$CS" rollout status daemonset/cattle-node-agent --timeout=180s 2>&1 | tail -n 1 | indent || fail "the DaemonSet's rollout did not finish"
+        t_ds=", DaemonSet $(since "$t0")s"
+    fi
     wait_until 60 "old pods gone" deploy_settled "$replicas" || fail "pods: $(ca_pods)"
     local t_settled; t_settled="$(since "$t0")"
     sleep 3
     kube_probe_stop; state_stop
-    info "Deployment rolled out ${t_dep}s after the apply, DaemonSet ${t_ds}s; old cluster agent pods gone after ${t_settled}s"
+    info "Deployment rolled out ${t_dep}s after the apply${t_ds}; old cluster agent pods gone after ${t_settled}s"
     kd -n "$CS" get pods -o wide 2>&1 | indent
     if kd -n "$CS" get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -qv ":$tag\$"; then
         fail "pods not all on :$tag"
     fi
     info "the server's view (seconds since the apply):"
-    state_report "$t0" "${#NODES[@]}"
+    state_report "$t0" "$(nodes_expected)"
     kube_probe_report "$t0"
     info "the server's dials through tunnels meanwhile: $(dials_delta "$d0" "$(dials_snapshot)")"
     (($(probe_hangs kprobe) + $(probe_hangs xprobe) == 0)) || fail "kubectl hung"
@@ -397,16 +432,19 @@ fault_kubelet() {
     step "fault: the kubelet of $node stopped for ${secs}s, then started; what kubectl through the server showed"
     t0="$(now)"
     kubelet_stop "$node" 2>&1 | indent
-    dk_argv "$id"
+    if node_agents; then dk_argv "$id"; fi
     T_NOTREADY=""
     while fcmp "$(since "$t0")" '<' "$secs"; do
         t="$(since "$t0")"
         line="$(kc "$SUSER" get node "$node" --no-headers --request-timeout=5s 2>&1 | awk '{print $1, $2}' || true)"
         st="$(awk '{print $2}' <<<"$line")"
         [[ -n "$T_NOTREADY" || "$st" != NotReady* ]] || T_NOTREADY="$t"
-        printf '        +%5.1fs  kubectl get node: %-28s  pods on it: %s  docker ps through the server: %s containers\n' "$t" "$line" \
-            "$(kc "$SUSER" get pods -A --field-selector "spec.nodeName=$node" --no-headers --request-timeout=5s 2>/dev/null | awk '{print $4}' | sort | uniq -c | awk '{printf "%s %s ", $1, $2}')" \
-            "$(timeout 10 "${DK_ARGV[@]}" ps -q 2>/dev/null | wc -l)"
+        printf '        +%5.1fs  kubectl get node: %-28s  pods on it: %s' "$t" "$line" \
+            "$(kc "$SUSER" get pods -A --field-selector "spec.nodeName=$node" --no-headers --request-timeout=5s 2>/dev/null | awk '{print $4}' | sort | uniq -c | awk '{printf "%s %s ", $1, $2}')"
+        if node_agents; then
+            printf '  docker ps through the server: %s containers' "$(timeout 10 "${DK_ARGV[@]}" ps -q 2>/dev/null | wc -l)"
+        fi
+        printf '\n'
         sleep 5
     done
     kc "$SUSER" describe node "$node" 2>/dev/null | sed -n '/^Conditions:/,/^Addresses:/p' | indent
