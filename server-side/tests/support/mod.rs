@@ -525,6 +525,23 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
+/// Echoes what `io` reads, upper-cased, until it ends. Each answer is flushed: over TLS a write
+/// that met a full socket leaves its tail buffered in the TLS session, and nothing else would
+/// push it out once the peer stops sending.
+async fn echo_upper_cased<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = match io.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let answer = buf[..n].to_ascii_uppercase();
+        if io.write_all(&answer).await.is_err() || io.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
 /// A TLS HTTP/1.1 server with its own CA. Routes:
 /// * `/watch`: 200, chunked; sends `event-1\n`, then waits for [`FakeApiserver::release`]
 ///   before `event-2\n` and the end (so a test can see the first chunk arrive alone);
@@ -581,19 +598,7 @@ impl FakeApiserver {
                             > = if req.headers().contains_key("upgrade") {
                                 let on = hyper::upgrade::on(&mut req);
                                 tokio::spawn(async move {
-                                    let up = on.await.unwrap();
-                                    let mut io = TokioIo::new(up);
-                                    let mut buf = [0u8; 1024];
-                                    loop {
-                                        let n = match io.read(&mut buf).await {
-                                            Ok(0) | Err(_) => break,
-                                            Ok(n) => n,
-                                        };
-                                        let up: Vec<u8> = buf[..n].to_ascii_uppercase();
-                                        if io.write_all(&up).await.is_err() {
-                                            break;
-                                        }
-                                    }
+                                    echo_upper_cased(TokioIo::new(on.await.unwrap())).await;
                                 });
                                 Response::builder()
                                     .status(101)
@@ -703,21 +708,7 @@ impl FakeDockerd {
                             {
                                 let on = hyper::upgrade::on(&mut req);
                                 tokio::spawn(async move {
-                                    let mut io = TokioIo::new(on.await.unwrap());
-                                    let mut buf = [0u8; 1024];
-                                    loop {
-                                        let n = match io.read(&mut buf).await {
-                                            Ok(0) | Err(_) => break,
-                                            Ok(n) => n,
-                                        };
-                                        if io
-                                            .write_all(&buf[..n].to_ascii_uppercase())
-                                            .await
-                                            .is_err()
-                                        {
-                                            break;
-                                        }
-                                    }
+                                    echo_upper_cased(TokioIo::new(on.await.unwrap())).await;
                                 });
                                 Response::builder()
                                     .status(101)
