@@ -3,19 +3,20 @@
 # prints, per binary, how many runs passed and failed, with the first failure's output kept.
 # For hunting tests that fail by chance: run it beside load (a build, stress-ng, a CI run).
 #
-#   scripts/repeat-tests.sh [-n RUNS] [-d DEADLINE_EPOCH] [-o OUTDIR] [FILTER]
+#   scripts/repeat-tests.sh [-n RUNS] [-d DEADLINE_EPOCH] [-o OUTDIR] [-x EXCLUDE] [FILTER]
 #
-# FILTER keeps binaries whose name contains it. Builds with `cargo test --no-run` first.
+# FILTER keeps binaries whose name contains it; EXCLUDE drops those whose name contains it. Builds with `cargo test --no-run` first.
 # Each run is bounded (REPEAT_RUN_TIMEOUT, default 900 s); the whole loop stops at DEADLINE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=20 deadline=0 out="" filter=""
+runs=20 deadline=0 out="" filter="" exclude=""
 while (($#)); do
   case "$1" in
     -n) runs="$2"; shift 2 ;;
     -d) deadline="$2"; shift 2 ;;
     -o) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -x) exclude="$2"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) filter="$1"; shift ;;
   esac
 done
@@ -25,7 +26,7 @@ mkdir -p "$out"
 mapfile -t bins < <(cargo test --workspace --no-run --message-format=json 2>/dev/null |
   jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
          | "\(.executable)\t\(.manifest_path | sub("/Cargo.toml$"; ""))"' |
-  sort -u | grep -F -- "$filter" || true)
+  sort -u | grep -F -- "$filter" | { if [[ -n "$exclude" ]]; then grep -vF -- "$exclude"; else cat; fi; } || true)
 ((${#bins[@]})) || { echo "repeat-tests: no test binaries"; exit 2; }
 declare -A pass fail secs
 for b in "${bins[@]}"; do pass[$b]=0 fail[$b]=0 secs[$b]=0; done

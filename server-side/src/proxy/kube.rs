@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
+use tunnel_proto::mux::StreamError;
 
 use super::pool::current_session;
 use super::{Audit, Fresh, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
@@ -104,6 +105,13 @@ pub async fn handle(
 
 /// Dials the apiserver through the cluster's tunnel, does TLS with the agent's CA and the
 /// HTTP/1.1 handshake.
+///
+/// A draining replica of the cluster agent (its pod deleted, or replaced in a rolling update)
+/// refuses every dial until it exits while its tunnel stays registered, and as the newest
+/// session it is the one dialed first. When the agent refuses, the dial is made again through
+/// the cluster's other healthy sessions, newest first: the refusal comes back on the first read
+/// of the TLS handshake, before anything of the request went out, so another replica can serve
+/// it.
 async fn connect(app: &SharedApp, key: ClientKey, target: Target) -> Fresh {
     let cluster_id = key.as_str();
     let session = current_session(&app.registry, &key);
@@ -118,31 +126,81 @@ async fn connect(app: &SharedApp, key: ClientKey, target: Target) -> Fresh {
             return Err(ProxyError::from_dial(err, &who).into_response());
         }
     };
+    let mut refusal = match tls_connect(&target, stream, cluster_id).await {
+        Ok(tls) => return Ok((handshake(tls).await?, session)),
+        Err(Handshake::Failed(resp)) => return Err(resp),
+        Err(Handshake::Refused(err)) => err,
+    };
+    let max_silence = app.registry.config().max_silence();
+    for other in app.registry.sessions(&key).into_iter().rev() {
+        let tunnel = other.tunnel();
+        if Some(other.id()) == session
+            || tunnel.close_reason().is_some()
+            || !tunnel.is_healthy(max_silence)
+        {
+            continue;
+        }
+        let Ok(stream) = tunnel.open("tcp", &target.authority) else {
+            continue;
+        };
+        app.metrics.dial("retried_after_refusal");
+        match tls_connect(&target, stream, cluster_id).await {
+            Ok(tls) => return Ok((handshake(tls).await?, Some(other.id()))),
+            Err(Handshake::Failed(resp)) => return Err(resp),
+            Err(Handshake::Refused(err)) => refusal = err,
+        }
+    }
+    Err(text(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "cannot reach the apiserver of {cluster_id} at {}: every cluster agent refused the dial ({refusal})",
+            target.authority
+        ),
+    ))
+}
+
+/// Why a TLS handshake through the tunnel did not complete.
+enum Handshake {
+    /// The agent refused the dial (a draining agent refuses all): another session may serve.
+    Refused(std::io::Error),
+    /// Anything else, with the response it deserves.
+    Failed(Response<ResponseBody>),
+}
+
+/// The TLS handshake with the apiserver over a freshly dialed stream, bounded in time.
+async fn tls_connect(
+    target: &Target,
+    stream: tunnel_proto::driver::Stream,
+    cluster_id: &str,
+) -> Result<tokio_rustls::client::TlsStream<tunnel_proto::driver::Stream>, Handshake> {
     let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
-    let tls = match tokio::time::timeout(
+    match tokio::time::timeout(
         TLS_HANDSHAKE_TIMEOUT,
         connector.connect(target.server_name.clone(), stream),
     )
     .await
     {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            return Err(text(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "cannot reach the apiserver of {cluster_id} at {} through the tunnel: {err}",
-                    target.authority
-                ),
-            ));
-        }
-        Err(_) => {
-            return Err(text(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("TLS handshake with the apiserver of {cluster_id} timed out"),
-            ));
-        }
-    };
-    Ok((handshake(tls).await?, session))
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(err)) if is_refusal(&err) => Err(Handshake::Refused(err)),
+        Ok(Err(err)) => Err(Handshake::Failed(text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "cannot reach the apiserver of {cluster_id} at {} through the tunnel: {err}",
+                target.authority
+            ),
+        ))),
+        Err(_) => Err(Handshake::Failed(text(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("TLS handshake with the apiserver of {cluster_id} timed out"),
+        ))),
+    }
+}
+
+/// Whether `err` is the agent refusing the Connect (remotedialer's `connect not allowed`).
+fn is_refusal(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<StreamError>())
+        .is_some_and(|e| matches!(e, StreamError::Refused(_)))
 }
 
 /// Where and how to reach a cluster's apiserver.

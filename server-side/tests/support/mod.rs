@@ -401,11 +401,7 @@ pub async fn connect_agent(
     trust: Trust,
     docker: Option<PathBuf>,
 ) -> Result<Tunnel, tunnel_proto::driver::connector::ConnectError> {
-    let mut config = ConnectorConfig::new(format!("wss://127.0.0.1:{}{path}", server.addr.port()));
-    config.set_headers(headers).set_trust(trust);
-    let connector = Connector::new(config).unwrap();
-    let ws = connector.connect().await?;
-    let tunnel = Tunnel::spawn(ws, SessionConfig::new(Role::Client), allow_all());
+    let tunnel = dial_agent(server, path, headers, trust, allow_all()).await?;
     let accept = tunnel.clone();
     tokio::spawn(async move {
         while let Some(stream) = accept.accept().await {
@@ -435,6 +431,25 @@ pub async fn connect_agent(
         }
     });
     Ok(tunnel)
+}
+
+/// Dials a tunnel to the server as an agent would, with `authorizer` deciding the server's
+/// Connects; nothing serves its streams.
+pub async fn dial_agent(
+    server: &ServerProc,
+    path: &str,
+    headers: HeaderMap,
+    trust: Trust,
+    authorizer: tunnel_proto::mux::Authorizer,
+) -> Result<Tunnel, tunnel_proto::driver::connector::ConnectError> {
+    let mut config = ConnectorConfig::new(format!("wss://127.0.0.1:{}{path}", server.addr.port()));
+    config.set_headers(headers).set_trust(trust);
+    let ws = Connector::new(config).unwrap().connect().await?;
+    Ok(Tunnel::spawn(
+        ws,
+        SessionConfig::new(Role::Client),
+        authorizer,
+    ))
 }
 
 /// Dials the steve-aggregation tunnel (`Bearer stv-cluster-<token>`) with `authorizer`
