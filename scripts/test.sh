@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, the Go interop peer build, the whole workspace's tests
 # (unit, vectors, loopback, connector/acceptor, registry, interop against the real Go
-# remotedialer, agents), the deploy suite, the end-to-end suite behind NAT (tests/e2e/run.sh), and
-# a bounded fuzz run. Needs scripts/install-test-deps.sh first.
+# remotedialer, agents), the deploy suite, the end-to-end suites behind NAT (tests/e2e/run.sh with
+# a lone apiserver, tests/e2e/pods.sh with the agents as pods of a real two-node cluster), the kind
+# suite (skips without kind) and a bounded fuzz run. Needs scripts/install-test-deps.sh first.
 #
 # A part that cannot run here says SKIPPED and records why in $TEST_SKIP_FILE; the last line is
 # "all tests passed" only when nothing was skipped. The time of each step is printed at the end
@@ -61,6 +62,8 @@ bash deploy/test/deploy-test.sh
 step "e2e behind NAT: real kube-apiserver, kubectl, dockerd and docker CLI through the server, with faults"
 cargo build -p server-side -p agent-cluster -p agent-node
 E2E_BIN_DIR="$PWD/target/debug" bash tests/e2e/run.sh
+step "e2e agents as pods: the import manifest in a real two-node cluster behind NAT; exec/attach/port-forward/cp/logs into pods; faults"
+E2E_BIN_DIR="$PWD/target/debug" TPE2E_PREFIX=tpk E2E_STATE=/tmp/tpk bash tests/e2e/pods.sh
 step "kind suite (skips, saying why, without kind and its node image)"
 bash tests/kind/run.sh
 step "fuzz (${FUZZ_SECONDS:=30} s per target)"
