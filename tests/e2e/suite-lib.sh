@@ -158,11 +158,9 @@ cleanenv() { env -i PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 ts() { inm env -i PATH=/usr/bin:/bin RUST_LOG=warn "$BIN/tunnel-server" --data-dir "$W/server" "$@"; }
 
-# kc passes KUBECTL_REMOTE_COMMAND_WEBSOCKETS through when set (false: exec and attach use SPDY).
 kc() {
     local user="$1"; shift
-    inm env -i PATH=/usr/bin:/bin HOME="$W/home" KUBECONFIG="$W/$user.kubeconfig" \
-        ${KUBECTL_REMOTE_COMMAND_WEBSOCKETS:+KUBECTL_REMOTE_COMMAND_WEBSOCKETS=$KUBECTL_REMOTE_COMMAND_WEBSOCKETS} "$KUBECTL" "$@"
+    inm env -i PATH=/usr/bin:/bin HOME="$W/home" KUBECONFIG="$W/$user.kubeconfig" "$KUBECTL" "$@"
 }
 # kc_distro USER ARGS...: the same with Debian's /usr/bin/kubectl (an older release).
 kc_distro() {
