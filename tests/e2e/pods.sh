@@ -118,29 +118,10 @@ cleanup() {
         [[ -z "$W" || ! -d "$W" ]] || rm -rf "$W"
     fi
     info "teardown took $(since "$t0")s"
-    if ((${#SUMMARY[@]})); then
-        printf '\n[e2e] summary (total %ss):\n' "$(since "$E2E_T0")"
-        printf '  %s\n' "${SUMMARY[@]}"
-    fi
-    if [[ -n "${RESULTS:-}" ]]; then printf '\n[e2e] timings:\n%s' "$RESULTS"; fi
-    if [[ $rc == 0 ]]; then
-        printf '\n[e2e] PASSED in %ss\n' "$(since "$E2E_T0")"
-    else
-        printf '\n[e2e] FAILED at %s (exit %s) after %ss\n' "${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}" "$rc" "$(since "$E2E_T0")"
-    fi
+    suite_report "$rc"
     exit "$rc"
 }
-on_err() {
-    ((BASH_SUBSHELL == 0)) || return 0
-    FAILED_STEP="${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"
-    STEP_STATUS=FAIL
-    printf '[e2e] FAIL: command failed (exit %s) at line %s: %s\n' "$1" "$2" "$3" >&2
-}
-trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
-trap cleanup EXIT
-trap 'warn "interrupted"; exit 130' INT TERM
-RESULTS=""
-result() { RESULTS+="$(printf '  %-64s %s' "$1" "$2")"$'\n'; }
+suite_traps cleanup
 
 # === the suite's side of the pods-steps.sh interface ===
 kd() { "$C/k8s/kubectl" "$@"; }

@@ -116,31 +116,11 @@ cleanup() {
         if [[ "${E2E_KEEP:-0}" == 1 ]]; then info "work directory kept: $W"; else rm -rf "$W"; fi
     fi
     info "teardown took $(since "$t0")s"
-    if ((${#SUMMARY[@]})); then
-        printf '\n[e2e] summary (total %ss):\n' "$(since "$E2E_T0")"
-        printf '  %s\n' "${SUMMARY[@]}"
-    fi
-    if ((${#SKIPS[@]})); then
-        printf '\n[e2e] SKIPPED steps:\n'
-        printf '  SKIPPED: %s\n' "${SKIPS[@]}"
-    fi
-    if [[ $rc == 0 ]]; then
-        printf '\n[e2e] PASSED in %ss\n' "$(since "$E2E_T0")"
-    else
-        printf '\n[e2e] FAILED at %s (exit %s) after %ss\n' "${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}" "$rc" "$(since "$E2E_T0")"
-    fi
+    suite_report "$rc"
     exit "$rc"
 }
 OWN_NETNS=0
-on_err() {
-    ((BASH_SUBSHELL == 0)) || return 0
-    FAILED_STEP="${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"
-    STEP_STATUS=FAIL
-    printf '[e2e] FAIL: command failed (exit %s) at run.sh line %s: %s\n' "$1" "$2" "$3" >&2
-}
-trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
-trap cleanup EXIT
-trap 'warn "interrupted"; exit 130' INT TERM
+suite_traps cleanup
 
 # =====================================================================================
 part "Part 0: prerequisites"

@@ -108,6 +108,46 @@ wait_until() {
     return 1
 }
 
+# === the end of a suite ===
+
+RESULTS=""
+# result "what" "figure": a line of the timings table printed at the end.
+result() { RESULTS+="$(printf '  %-64s %s' "$1" "$2")"$'\n'; }
+
+# suite_report RC: the step summary, skipped steps, the timings table, and the verdict.
+suite_report() {
+    local rc="$1"
+    if ((${#SUMMARY[@]})); then
+        printf '\n[e2e] summary (total %ss):\n' "$(since "$E2E_T0")"
+        printf '  %s\n' "${SUMMARY[@]}"
+    fi
+    if ((${#SKIPS[@]})); then
+        printf '\n[e2e] SKIPPED steps:\n'
+        printf '  SKIPPED: %s\n' "${SKIPS[@]}"
+    fi
+    if [[ -n "$RESULTS" ]]; then printf '\n[e2e] timings:\n%s' "$RESULTS"; fi
+    if [[ $rc == 0 ]]; then
+        printf '\n[e2e] PASSED in %ss\n' "$(since "$E2E_T0")"
+    else
+        printf '\n[e2e] FAILED at %s (exit %s) after %ss\n' "${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}" "$rc" "$(since "$E2E_T0")"
+    fi
+}
+
+# suite_traps CLEANUP_FUNCTION: a failed command fails its step (and names its line), EXIT runs
+# CLEANUP_FUNCTION, INT and TERM end the suite (through EXIT).
+suite_traps() {
+    trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
+    # shellcheck disable=SC2064  # the function's name is fixed now
+    trap "$1" EXIT
+    trap 'warn "interrupted"; exit 130' INT TERM
+}
+on_err() {
+    ((BASH_SUBSHELL == 0)) || return 0
+    FAILED_STEP="${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"
+    STEP_STATUS=FAIL
+    printf '[e2e] FAIL: command failed (exit %s) at %s line %s: %s\n' "$1" "$(basename "$0")" "$2" "$3" >&2
+}
+
 # === processes ===
 
 # bg_run NAME NETNS LOG CMD...: runs CMD detached in network namespace NETNS (empty: here) in a

@@ -152,31 +152,11 @@ cleanup() {
         [[ -z "$W" || ! -d "$W" ]] || rm -rf "$W"
     fi
     info "teardown took $(since "$t0")s"
-    if ((${#SUMMARY[@]})); then
-        printf '\n[e2e] summary (total %ss):\n' "$(since "$E2E_T0")"
-        printf '  %s\n' "${SUMMARY[@]}"
-    fi
-    if [[ -n "${RESULTS:-}" ]]; then printf '\n[e2e] timings:\n%s' "$RESULTS"; fi
-    if [[ $rc == 0 ]]; then
-        printf '\n[e2e] PASSED in %ss\n' "$(since "$E2E_T0")"
-        echo "tests/kind: 1 passed, 0 failed"
-    else
-        printf '\n[e2e] FAILED at %s (exit %s) after %ss\n' "${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}" "$rc" "$(since "$E2E_T0")"
-        echo "tests/kind: 0 passed, 1 failed"
-    fi
+    suite_report "$rc"
+    if [[ $rc == 0 ]]; then echo "tests/kind: 1 passed, 0 failed"; else echo "tests/kind: 0 passed, 1 failed"; fi
     exit "$rc"
 }
-on_err() {
-    ((BASH_SUBSHELL == 0)) || return 0
-    FAILED_STEP="${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"
-    STEP_STATUS=FAIL
-    printf '[e2e] FAIL: command failed (exit %s) at line %s: %s\n' "$1" "$2" "$3" >&2
-}
-trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
-trap cleanup EXIT
-trap 'warn "interrupted"; exit 130' INT TERM
-RESULTS=""
-result() { RESULTS+="$(printf '  %-64s %s' "$1" "$2")"$'\n'; }
+suite_traps cleanup
 
 # === the suite's side of the pods-steps.sh / pods-stream-steps.sh interface ===
 # The management host is this machine: suite-lib's inm ("in the management namespace") runs the
