@@ -63,17 +63,11 @@ TMUX_SOCK="$P-pods-$$"
 unset HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy KUBECONFIG DOCKER_HOST DOCKER_CONTEXT
 
 W=""
-CLEANED=0
 CLUSTER_STARTED=0
 
 cleanup() {
     local rc=$?
-    ((CLEANED)) && return 0
-    CLEANED=1
-    set +eE
-    trap - ERR
-    [[ $rc == 0 || -n "$STEP_STATUS" ]] || STEP_STATUS=FAIL
-    _step_close 2>/dev/null
+    cleanup_begin "$rc" || return 0
     if [[ $rc != 0 && -n "$W" && -d "$W/logs" ]]; then
         echo
         warn "suite FAILED (exit $rc) at ${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"

@@ -56,18 +56,12 @@ TMUX_SOCK="tpe2e-run-$$"
 unset HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy KUBECONFIG DOCKER_HOST DOCKER_CONTEXT
 
 W=""
-CLEANED=0
 
 # === cleanup ===
 
 cleanup() {
     local rc=$?
-    ((CLEANED)) && return 0
-    CLEANED=1
-    set +eE
-    trap - ERR
-    [[ $rc == 0 || -n "$STEP_STATUS" ]] || STEP_STATUS=FAIL
-    _step_close 2>/dev/null
+    cleanup_begin "$rc" || return 0
     if [[ $rc != 0 ]]; then
         echo
         warn "suite FAILED (exit $rc) at ${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"

@@ -133,6 +133,20 @@ suite_report() {
     fi
 }
 
+# cleanup_begin RC: the start of every suite's EXIT handler: false when cleanup already ran;
+# otherwise stops failing on errors (cleanup goes on past them) and closes the open step,
+# marking it failed when the suite exits non-zero.
+CLEANED=0
+cleanup_begin() {
+    ((CLEANED)) && return 1
+    CLEANED=1
+    set +eE
+    trap - ERR
+    [[ $1 == 0 || -n "$STEP_STATUS" ]] || STEP_STATUS=FAIL
+    _step_close 2>/dev/null
+    return 0
+}
+
 # suite_traps CLEANUP_FUNCTION: a failed command fails its step (and names its line), EXIT runs
 # CLEANUP_FUNCTION, INT and TERM end the suite (through EXIT).
 suite_traps() {

@@ -102,17 +102,11 @@ export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1
 unset KUBECONFIG
 
 W=""
-CLEANED=0
 KIND_STARTED=0
 
 cleanup() {
     local rc=$?
-    ((CLEANED)) && return 0
-    CLEANED=1
-    set +eE
-    trap - ERR
-    [[ $rc == 0 || -n "$STEP_STATUS" ]] || STEP_STATUS=FAIL
-    _step_close 2>/dev/null
+    cleanup_begin "$rc" || return 0
     if [[ $rc != 0 && -n "$W" && -d "$W/logs" ]]; then
         echo
         warn "suite FAILED (exit $rc) at ${FAILED_STEP:-step $STEP_NO ($STEP_TITLE)}"

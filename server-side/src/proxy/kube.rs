@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 use tunnel_proto::mux::StreamError;
 
-use super::pool::current_session;
+use super::pool::{current_session, usable_sessions};
 use super::{Audit, Fresh, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
 use crate::http_util::{internal, text};
@@ -131,16 +131,11 @@ async fn connect(app: &SharedApp, key: ClientKey, target: Target) -> Fresh {
         Err(Handshake::Failed(resp)) => return Err(resp),
         Err(Handshake::Refused(err)) => err,
     };
-    let max_silence = app.registry.config().max_silence();
-    for other in app.registry.sessions(&key).into_iter().rev() {
-        let tunnel = other.tunnel();
-        if Some(other.id()) == session
-            || tunnel.close_reason().is_some()
-            || !tunnel.is_healthy(max_silence)
-        {
+    for other in usable_sessions(&app.registry, &key) {
+        if Some(other.id()) == session {
             continue;
         }
-        let Ok(stream) = tunnel.open("tcp", &target.authority) else {
+        let Ok(stream) = other.tunnel().open("tcp", &target.authority) else {
             continue;
         };
         app.metrics.dial("retried_after_refusal");

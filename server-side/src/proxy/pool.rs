@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 use tunnel_proto::driver::acceptor::ClientKey;
-use tunnel_proto::driver::registry::{Registry, SessionId};
+use tunnel_proto::driver::registry::{Registry, SessionHandle, SessionId};
 
 use super::Counted;
 
@@ -57,16 +57,24 @@ impl Default for Pool {
     }
 }
 
-/// The session a dial through `key` uses now: the newest one that has not ended and is
-/// healthy, as [`Registry::open`] picks it.
-pub(crate) fn current_session(registry: &Registry, key: &ClientKey) -> Option<SessionId> {
+/// The sessions of `key` a dial may use: not ended and healthy, newest first, in the order
+/// [`Registry::open`] tries them.
+pub(crate) fn usable_sessions(
+    registry: &Registry,
+    key: &ClientKey,
+) -> impl Iterator<Item = SessionHandle> {
     let max_silence = registry.config().max_silence();
     registry
         .sessions(key)
         .into_iter()
         .rev()
-        .find(|s| s.tunnel().close_reason().is_none() && s.tunnel().is_healthy(max_silence))
-        .map(|s| s.id())
+        .filter(move |s| s.tunnel().close_reason().is_none() && s.tunnel().is_healthy(max_silence))
+}
+
+/// The session a dial through `key` uses now: the newest usable one, as [`Registry::open`]
+/// picks it.
+pub(crate) fn current_session(registry: &Registry, key: &ClientKey) -> Option<SessionId> {
+    usable_sessions(registry, key).next().map(|s| s.id())
 }
 
 /// How often [`gone_silent`] looks at the session.
