@@ -321,13 +321,35 @@ fn store_error(err: StoreError) -> Response<ResponseBody> {
     }
 }
 
+/// How long a `/v1` request body may take to arrive (a client that trickles it holds a
+/// connection and a task).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn read_json<T: serde::de::DeserializeOwned>(
     body: Incoming,
 ) -> Result<T, Response<ResponseBody>> {
-    let bytes: Bytes = Limited::new(body, MAX_BODY)
-        .collect()
+    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, MAX_BODY).collect())
         .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}")))?
+        .map_err(|_| {
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )
+        })?;
+    let bytes: Bytes = collected
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {MAX_BODY} bytes"),
+                )
+            } else {
+                error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+            }
+        })?
         .to_bytes();
     serde_json::from_slice(&bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
@@ -367,8 +389,9 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v.to_owned())
     };
+    let mutation = !matches!(*req.method(), Method::GET | Method::HEAD);
     let body = req.into_body();
-    match dispatch(
+    let resp = match dispatch(
         &app,
         op,
         &params,
@@ -379,7 +402,12 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
     .await
     {
         Ok(resp) | Err(resp) => resp,
+    };
+    if mutation && resp.status().is_success() {
+        // A deletion or revocation may take away what live tunnels and streams run on.
+        app.live.changed();
     }
+    resp
 }
 
 type Handled = Result<Response<ResponseBody>, Response<ResponseBody>>;
@@ -415,6 +443,8 @@ fn node_view(app: &SharedApp, n: &Node) -> Value {
     json!({
         "id": n.id,
         "clusterId": n.cluster_id,
+        // Unambiguous in /docker/nodes/{ref} and /v1/nodes/{ref}, whatever other clusters hold.
+        "ref": n.client_key(),
         "hostname": n.hostname,
         "dockerSocket": n.docker_socket,
         "createdAt": n.created_at,
@@ -586,8 +616,10 @@ async fn dispatch(
             json_response(StatusCode::OK, &json!({ "items": items }))
         }
         Op::GetNode => {
-            let mut nodes = store.nodes_named(p(0)).map_err(store_error)?;
-            let n = found(nodes.pop(), "node")?;
+            let n = found(
+                crate::store::resolve_node(store.as_ref(), p(0)).map_err(store_error)?,
+                "node",
+            )?;
             json_response(StatusCode::OK, &node_view(app, &n))
         }
         Op::UpdateNode => {
@@ -601,8 +633,10 @@ async fn dispatch(
                     ),
                 ));
             }
-            let mut nodes = store.nodes_named(p(0)).map_err(store_error)?;
-            let n = found(nodes.pop(), "node")?;
+            let n = found(
+                crate::store::resolve_node(store.as_ref(), p(0)).map_err(store_error)?,
+                "node",
+            )?;
             store
                 .set_node_docker_socket(&n.cluster_id, &n.id, &path)
                 .map_err(store_error)?;

@@ -58,6 +58,11 @@ pub struct App {
     pub auth_limiter: AuthLimiter,
     /// Agent credentials accepted since start; they skip the limiter.
     pub known_good: KnownGood,
+    /// Live tunnels and proxied requests, by the credential that let them in
+    /// ([`crate::live`]).
+    pub live: crate::live::Live,
+    /// New nodes per cluster over the last minute (bounded, [`crate::tunnel_auth`]).
+    pub node_creations: crate::tunnel_auth::NodeCreations,
     connectivity: Mutex<HashMap<String, Connectivity>>,
 }
 
@@ -83,6 +88,8 @@ impl App {
             registry,
             auth_limiter: AuthLimiter::new(config.auth_limit.clone()),
             known_good: KnownGood::new(DEFAULT_KNOWN_GOOD),
+            live: crate::live::Live::default(),
+            node_creations: crate::tunnel_auth::NodeCreations::default(),
             config,
             metrics: Metrics::default(),
             upstreams: crate::proxy::pool::Pool::default(),

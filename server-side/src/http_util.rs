@@ -52,13 +52,7 @@ pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Respon
         .map(|p| AddrKey::of(p.0.ip()));
     if let Some(addr) = addr.filter(|_| !app.known_good.contains(token)) {
         if let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::ApiToken) {
-            let mut resp = text(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("too many failed authentications from {addr}: retry after {retry_after}s"),
-            );
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
-            return Err(resp);
+            return Err(too_many_failures(addr, retry_after));
         }
     }
     match app.store.authenticate(token) {
@@ -77,6 +71,17 @@ pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Respon
         }
         Err(err) => Err(internal(&err)),
     }
+}
+
+/// 429 with `Retry-After`, for an address refused by the failed-authentication limit.
+pub fn too_many_failures(addr: AddrKey, retry_after: u64) -> Response<ResponseBody> {
+    let mut resp = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("too many failed authentications from {addr}: retry after {retry_after}s"),
+    );
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+    resp
 }
 
 /// What a rate-limited request presented, for the limiter's metrics and log line.

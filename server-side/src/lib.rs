@@ -25,6 +25,7 @@ pub mod auth_limit;
 pub mod http_util;
 pub mod import;
 pub mod kubeconfig;
+pub mod live;
 pub mod metrics;
 pub mod pki;
 pub mod probe;

@@ -116,6 +116,10 @@ struct ServeArgs {
     /// Most addresses the failed-authentication limit tracks at once.
     #[arg(long, default_value_t = server_side::auth_limit::DEFAULT_MAX_ADDRESSES)]
     auth_failure_max_addresses: usize,
+    /// Also serve GET /metrics without authentication, as plain HTTP, on this address (for
+    /// Prometheus on a private network); on the main listener /metrics needs an admin token.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -231,6 +235,8 @@ fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
         max_addresses: args.auth_failure_max_addresses,
     };
 
+    config.metrics_listen = args.metrics_listen;
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -241,6 +247,9 @@ fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %server.local_addr(), %url, "tunnel-server listening");
         // A line for scripts and tests that start the server on port 0.
         println!("listening on {} ({url})", server.local_addr());
+        if let Some(addr) = server.metrics_addr() {
+            println!("metrics on {addr}");
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         server.run(shutdown).await;

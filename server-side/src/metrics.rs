@@ -10,6 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tunnel_proto::driver::registry::Registry;
 
+/// The `target` label of a proxied request whose cluster or node does not exist.
+pub const UNKNOWN_TARGET: &str = "unknown";
+/// The `target` label of requests counted once [`MAX_REQUEST_SERIES`] series exist.
+pub const OTHER_TARGET: &str = "other";
+/// Most `tunnel_server_proxied_requests_total` series (target × kind × status) kept; further
+/// targets are counted under [`OTHER_TARGET`]. Every other family has a fixed label set or one
+/// series per connected client key.
+pub const MAX_REQUEST_SERIES: usize = 20_000;
+
 /// Server counters. Cheap to update from any task.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -57,7 +66,14 @@ impl Metrics {
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        bump(&self.requests, (kind, target.to_owned(), status), 1);
+        {
+            let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let mut key = (kind, target.to_owned(), status);
+            if !requests.contains_key(&key) && requests.len() >= MAX_REQUEST_SERIES {
+                key.1 = OTHER_TARGET.to_owned();
+            }
+            *requests.entry(key).or_default() += 1;
+        }
         bump(&self.proxied_bytes, (kind, "in"), bytes_in);
         bump(&self.proxied_bytes, (kind, "out"), bytes_out);
     }
@@ -173,12 +189,13 @@ impl Metrics {
             "# HELP tunnel_server_proxied_requests_total Proxied requests by kind, cluster or node, and status."
         );
         let _ = writeln!(out, "# TYPE tunnel_server_proxied_requests_total counter");
-        for ((kind, target, status), n) in self
+        // Copied out, so that proxied requests do not wait while the text is formatted.
+        let requests = self
             .requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+            .clone();
+        for ((kind, target, status), n) in &requests {
             let target = escape(target);
             let _ = writeln!(
                 out,
@@ -271,4 +288,30 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_series_are_bounded() {
+        let metrics = Metrics::default();
+        for i in 0..MAX_REQUEST_SERIES + 500 {
+            metrics.proxied("k8s", &format!("c-{i}"), 200, 1, 1);
+        }
+        metrics.proxied("k8s", "c-0", 200, 1, 1);
+        let text = metrics.render(&Registry::default(), 0);
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tunnel_server_proxied_requests_total{"))
+            .collect();
+        assert_eq!(series.len(), MAX_REQUEST_SERIES + 1);
+        assert!(series.contains(
+            &r#"tunnel_server_proxied_requests_total{kind="k8s",target="other",status="200"} 500"#
+        ));
+        assert!(series.contains(
+            &r#"tunnel_server_proxied_requests_total{kind="k8s",target="c-0",status="200"} 2"#
+        ));
+    }
 }

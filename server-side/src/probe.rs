@@ -101,22 +101,6 @@ async fn ping_stream(stream: tunnel_proto::driver::Stream) -> Result<(), String>
     }
 }
 
-/// Closes the tunnels of clusters that no longer exist (deleted with the CLI, which cannot
-/// reach this process's registry).
-fn sweep_deleted(app: &SharedApp, clusters: &[crate::store::Cluster]) {
-    let known: std::collections::HashSet<&str> = clusters.iter().map(|c| c.id.as_str()).collect();
-    for key in app.registry.list_clients() {
-        let k = key.as_str();
-        let cluster = k
-            .strip_prefix("stv-cluster-")
-            .unwrap_or_else(|| k.split(':').next().unwrap_or(k));
-        if !known.contains(cluster) {
-            let n = app.registry.remove_key(&key);
-            tracing::info!(%key, sessions = n, "closed the tunnels of a deleted cluster");
-        }
-    }
-}
-
 /// Probes every cluster each interval, and a cluster at once when its aggregation tunnel
 /// registers or leaves, until `shutdown`.
 pub async fn run(app: SharedApp, shutdown: CancellationToken) {
@@ -134,7 +118,6 @@ pub async fn run(app: SharedApp, shutdown: CancellationToken) {
                         continue;
                     }
                 };
-                sweep_deleted(&app, &clusters);
                 app.upstreams.prune();
                 let mut probes = tokio::task::JoinSet::new();
                 for cluster in clusters {

@@ -11,7 +11,7 @@
 //! | `/k8s/clusters/<cluster-id>/…` | the cluster's Kubernetes API ([`crate::proxy::kube`]) |
 //! | `/docker/nodes/<node-id>/…` | the node's Docker API ([`crate::proxy::docker`]) |
 //! | `/v1/…` | the management API ([`crate::api`]) |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | Prometheus text, for an admin's API token (or without one on `--metrics-listen`) |
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -44,7 +44,7 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
     }
     if let Some(rest) = path.strip_prefix("/docker/nodes/") {
         let (id, rest) = split_id(rest);
-        if !valid_id(id) {
+        if !crate::store::valid_node_reference(id) {
             return text(StatusCode::BAD_REQUEST, "invalid node id");
         }
         return crate::proxy::docker::handle(app.clone(), req, id, rest).await;
@@ -77,18 +77,71 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
             resp
         }
         (_, "/v3/connect/config") => text(StatusCode::NOT_FOUND, "404 page not found"),
-        (Method::GET, "/metrics") => {
-            let mut resp = text(
-                StatusCode::OK,
-                app.metrics.render(&app.registry, app.upstreams.live()),
-            );
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            resp
-        }
+        (Method::GET, "/metrics") => match crate::http_util::authenticate(&app, &req) {
+            Ok(user) if user.admin => metrics(&app),
+            Ok(user) => text(
+                StatusCode::FORBIDDEN,
+                format!("user {} is not an admin", user.name),
+            ),
+            Err(resp) => resp,
+        },
         _ => text(StatusCode::NOT_FOUND, "404 page not found"),
+    }
+}
+
+/// The Prometheus text of the server's metrics.
+pub fn metrics(app: &SharedApp) -> Response<ResponseBody> {
+    let mut resp = text(
+        StatusCode::OK,
+        app.metrics.render(&app.registry, app.upstreams.live()),
+    );
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+/// Serves `GET /metrics` without authentication on a listener of its own
+/// (`--metrics-listen`: a private address for Prometheus), until `shutdown`. Nothing else is
+/// served there.
+pub async fn serve_metrics(
+    app: SharedApp,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics listener: accept failed");
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/metrics") => metrics(&app),
+                    _ => text(StatusCode::NOT_FOUND, "404 page not found"),
+                })
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(10))
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
     }
 }
 
@@ -117,9 +170,29 @@ fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<Resp
     if !valid_id(cluster_id) {
         return invalid();
     }
+    // The token in the path is a credential: guessing it costs like a guessed tunnel token.
+    let now = tokio::time::Instant::now();
+    let addr = req
+        .extensions()
+        .get::<tunnel_proto::driver::acceptor::PeerAddr>()
+        .map(|p| crate::auth_limit::AddrKey::of(p.0.ip()));
+    if let Some(addr) = addr.filter(|_| !app.known_good.contains(token))
+        && let Err(retry_after) =
+            crate::http_util::auth_limit_gate(app, addr, now, crate::http_util::Credential::Tunnel)
+    {
+        return crate::http_util::too_many_failures(addr, retry_after);
+    }
     match app.store.cluster_for_registration_token(token) {
-        Ok(Some(owner)) if owner == cluster_id => {}
-        Ok(_) => return invalid(),
+        Ok(Some(owner)) if owner == cluster_id => app.known_good.insert(token, now),
+        Ok(_) => {
+            app.known_good.remove(token);
+            app.metrics.agent_auth_failure("unknown_token");
+            if let Some(addr) = addr {
+                app.auth_limiter.record_failure(addr, now);
+                app.metrics.set_auth_limit_addresses(app.auth_limiter.len());
+            }
+            return invalid();
+        }
         Err(err) => return crate::http_util::internal(&err),
     }
     let node_agent = req

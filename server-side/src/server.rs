@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tunnel_proto::driver::acceptor::{Acceptor, AcceptorConfig, AuthRequest, tls_server_config};
+use tunnel_proto::driver::acceptor::{
+    AcceptedTunnel, Acceptor, AcceptorConfig, AuthRequest, tls_server_config,
+};
 use tunnel_proto::driver::registry::{Registry, RegistryEvent, serve_acceptor_tunnel};
 use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, websocket_config};
 use tunnel_proto::mux::refuse_all;
@@ -67,6 +69,9 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The rate limit on failed agent authentications (default: burst 10, 1 per second).
     pub auth_limit: AuthLimitConfig,
+    /// A separate address serving `GET /metrics` without authentication (plain HTTP); on the
+    /// main listener `/metrics` needs an admin's API token.
+    pub metrics_listen: Option<String>,
 }
 
 impl ServeConfig {
@@ -82,6 +87,7 @@ impl ServeConfig {
             probe_interval: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(10),
             auth_limit: AuthLimitConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -139,6 +145,7 @@ pub struct Server {
     listener: TcpListener,
     acceptor: Acceptor,
     local_addr: SocketAddr,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -160,6 +167,14 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(io_err("reading the listen address"))?;
+        let metrics_listener = match &config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io_err(format!("binding the metrics address {addr}")))?,
+            ),
+            None => None,
+        };
         let scheme = match config.tls {
             TlsSource::InsecureHttp => "http",
             _ => "https",
@@ -248,6 +263,7 @@ impl Server {
             .set_shutdown_grace(config.shutdown_grace)
             .set_websocket_config(Some(websocket_config(DEFAULT_MAX_MESSAGE)));
         let auth_app = app.clone();
+        let tunnel_app = app.clone();
         let route_app = app.clone();
         let acceptor = Acceptor::new(
             acceptor_config,
@@ -255,13 +271,7 @@ impl Server {
                 let app = auth_app.clone();
                 async move { crate::tunnel_auth::authorize(&app, &req) }
             },
-            move |tunnel| {
-                let registry = registry.clone();
-                async move {
-                    let config = SessionConfig::new(Role::Server);
-                    let _ = serve_acceptor_tunnel(&registry, tunnel, config, refuse_all()).await;
-                }
-            },
+            move |tunnel| serve_tunnel(tunnel_app.clone(), tunnel),
             move |req| crate::routes::route(route_app.clone(), req),
         );
         Ok(Self {
@@ -269,12 +279,20 @@ impl Server {
             listener,
             acceptor,
             local_addr,
+            metrics_listener,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound `--metrics-listen` address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The shared state.
@@ -287,9 +305,42 @@ impl Server {
         let background = shutdown.child_token();
         tokio::spawn(crate::probe::run(self.app.clone(), background.clone()));
         tokio::spawn(count_sessions(self.app.clone(), background.clone()));
+        tokio::spawn(crate::live::run(self.app.clone(), background.clone()));
+        if let Some(listener) = self.metrics_listener {
+            tokio::spawn(crate::routes::serve_metrics(
+                self.app.clone(),
+                listener,
+                background.clone(),
+            ));
+        }
         self.acceptor.serve(self.listener, shutdown).await;
         background.cancel();
     }
+}
+
+/// Runs an accepted tunnel: stores what its params say ([`crate::tunnel_auth::record_params`]),
+/// ties it to the registration token that let it in ([`crate::live`]: it closes when the
+/// token or its cluster is deleted), and serves it as a registered session until it ends.
+async fn serve_tunnel(app: SharedApp, mut tunnel: AcceptedTunnel) {
+    let key = tunnel.client_key.clone();
+    let Some((token, cluster_id)) = crate::tunnel_auth::authority_of(&key, &tunnel.headers) else {
+        tracing::warn!(%key, remote = %tunnel.remote_addr, "tunnel without a credential: dropped");
+        return;
+    };
+    if let Err(err) = crate::tunnel_auth::record_params(&app, &key, &tunnel.uri, &tunnel.headers) {
+        tracing::warn!(%key, remote = %tunnel.remote_addr, error = %err, "tunnel params not stored: dropped");
+        return;
+    }
+    let (cut, _live) = app.live.tunnel(&key, &token, &cluster_id, &tunnel.shutdown);
+    // The token may have been deleted between the authorization and this registration, when
+    // no reconcile could see this session yet.
+    match app.store.cluster_for_registration_token(&token) {
+        Ok(Some(owner)) if owner == cluster_id => {}
+        _ => cut.cancel(),
+    }
+    tunnel.shutdown = cut;
+    let config = SessionConfig::new(Role::Server);
+    let _ = serve_acceptor_tunnel(&app.registry, tunnel, config, refuse_all()).await;
 }
 
 async fn count_sessions(app: SharedApp, shutdown: CancellationToken) {

@@ -4,18 +4,20 @@
 //!
 //! 1. **MCM**: `X-API-Tunnel-Token` is a registration token (empty: not authed; unknown: 400
 //!    `cluster not found`), `X-API-Tunnel-Params` is base64 JSON with cluster or node params.
-//!    Cluster params are stored (`https://<address>`, CA, service-account token) and the
-//!    client key is the cluster id; node params give `<cluster>:m-<md5_12(hostname)>`, creating
-//!    the node on `/register`.
+//!    The client key is the cluster id for cluster params, `<cluster>:m-<md5_12(hostname)>`
+//!    for node params. Nothing is written here: what the params say (the apiserver address,
+//!    CA and service-account token; a node on `/register`) is stored by [`record_params`]
+//!    once the websocket is up, so a plain request carrying a registration token changes
+//!    nothing. A cluster session whose address or CA differs from a live session's is refused.
 //! 2. **Steve aggregation**: `Authorization: Bearer stv-cluster-<token>` gives
 //!    `stv-cluster-<cluster>`.
 //!
 //! Before the chain, the failed-authentication rate limit ([`crate::auth_limit`]): a request
 //! from an address that has used up its failure budget is refused without any store lookup,
-//! unless it presents a credential accepted before. After the chain, a credential failure (no
-//! credential: 401; an unknown registration token: 400 `cluster not found`; an unknown
-//! `stv-cluster-` bearer: 401) takes a token from the address's bucket. Errors with a valid
-//! token (bad params, unknown node) are not authentication failures and cost nothing.
+//! unless every credential it presents was accepted before. After the chain, a credential
+//! failure (no credential: 401; an unknown registration token: 400 `cluster not found`; an
+//! unknown `stv-cluster-` bearer, even beside a valid token) takes a token from the address's
+//! bucket. Errors with valid credentials (bad params, unknown node) cost nothing.
 
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -58,8 +60,49 @@ pub struct ClusterParams {
     pub ca_cert: String,
 }
 
+/// Most nodes one cluster may create per minute through `/v3/connect/register` (a leaked
+/// registration token must not fill the store).
+pub const MAX_NEW_NODES_PER_MINUTE: usize = 60;
+/// Longest `X-API-Tunnel-Params` accepted, in bytes of base64 (Rancher's agents send well
+/// under 8 KiB: a CA certificate and a service-account token).
+pub const MAX_PARAMS_LEN: usize = 32 << 10;
+
+/// Nodes created per cluster over the last minute.
+#[derive(Debug, Default)]
+pub struct NodeCreations {
+    recent:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Instant>>>,
+}
+
+impl NodeCreations {
+    /// Takes one of the cluster's [`MAX_NEW_NODES_PER_MINUTE`] creations, if any is left.
+    /// Only clusters with a valid registration token have an entry, so the map is bounded by
+    /// the number of clusters.
+    pub fn try_reserve(&self, cluster_id: &str, now: Instant) -> bool {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let times = recent.entry(cluster_id.to_owned()).or_default();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
+        {
+            times.pop_front();
+        }
+        if times.len() >= MAX_NEW_NODES_PER_MINUTE {
+            return false;
+        }
+        times.push_back(now);
+        true
+    }
+}
+
 /// Decodes and validates the params header with Rancher's messages (`readInput`).
 pub fn parse_params(header: &str) -> Result<TunnelParams, String> {
+    if header.len() > MAX_PARAMS_LEN {
+        return Err(format!(
+            "params of {} bytes: at most {MAX_PARAMS_LEN} are accepted",
+            header.len()
+        ));
+    }
     let raw = data_encoding::BASE64
         .decode(header.as_bytes())
         .map_err(|e| format!("illegal base64 data at input byte {}", e.position))?;
@@ -148,37 +191,129 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
     let params = parse_params(header(req, PARAMS_HEADER))?;
     if let Some(node) = params.node {
         let register = req.uri.path().ends_with("/register");
-        let hostname = node
-            .get("requestedHostname")
-            .and_then(|h| h.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        let machine = tokens::machine_name(&hostname);
-        let existing = app.store.node(&cluster_id, &machine).map_err(store_error)?;
-        match existing {
-            None if !register => {
-                return Err(format!("node.management.cattle.io \"{machine}\" not found").into());
+        let machine = tokens::machine_name(node_hostname(&node));
+        let exists = app
+            .store
+            .node(&cluster_id, &machine)
+            .map_err(store_error)?
+            .is_some();
+        if !register && !exists {
+            return Err(format!("node.management.cattle.io \"{machine}\" not found").into());
+        }
+        if register && !exists && !app.node_creations.try_reserve(&cluster_id, Instant::now()) {
+            return Err(format!(
+                "cluster {cluster_id} registered {MAX_NEW_NODES_PER_MINUTE} new nodes in the last minute: try again later"
+            )
+            .into());
+        }
+        // A node is created (on `/register`) only once its tunnel is up: see record_params.
+        return Ok(Some(ClientKey::new(format!("{cluster_id}:{machine}"))));
+    }
+    if let Some(c) = params.cluster {
+        // A second session of a cluster must report the same apiserver as the live one: a
+        // stolen registration token must not repoint the cluster while its agent is connected.
+        if app.has_tunnel(&cluster_id) {
+            let stored = app.store.cluster(&cluster_id).map_err(store_error)?;
+            if let Some(stored) = stored
+                && (stored.api_endpoint.as_deref() != Some(&api_endpoint(&c.address))
+                    || stored.ca_cert.as_deref() != Some(c.ca_cert.as_str()))
+            {
+                tracing::warn!(
+                    target: "audit",
+                    cluster = %cluster_id,
+                    remote = %req.remote_addr,
+                    live_address = stored.api_endpoint.as_deref().unwrap_or("-"),
+                    asked_address = %api_endpoint(&c.address),
+                    "refused a cluster agent session: its apiserver address or CA differs from the live session's"
+                );
+                return Err(format!(
+                    "cluster {cluster_id} has a live agent session that reports another apiserver address or CA"
+                )
+                .into());
             }
-            _ if register => {
-                let created_at = existing.as_ref().map_or_else(now_unix, |n| n.created_at);
-                let docker_socket = existing.as_ref().map_or_else(
+        }
+        return Ok(Some(ClientKey::new(cluster_id)));
+    }
+    Err(Failure::Other(
+        "missing node or cluster registration info".to_owned(),
+    ))
+}
+
+fn node_hostname(node: &serde_json::Value) -> &str {
+    node.get("requestedHostname")
+        .and_then(|h| h.as_str())
+        .unwrap_or_default()
+}
+
+/// The registration token a tunnel was let in with and its cluster, from its client key and
+/// upgrade headers (the chain's first authorizer gives `<cluster>[:<node>]` from
+/// `X-API-Tunnel-Token`, the steve one `stv-cluster-<cluster>` from the bearer).
+pub fn authority_of(key: &ClientKey, headers: &http::HeaderMap) -> Option<(String, String)> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let k = key.as_str();
+    let (token, cluster) = match k.strip_prefix(STV_BEARER_PREFIX) {
+        Some(cluster) => (
+            get("authorization")
+                .strip_prefix("Bearer ")
+                .and_then(|t| t.strip_prefix(STV_BEARER_PREFIX))
+                .unwrap_or(""),
+            cluster,
+        ),
+        None => (get(TOKEN_HEADER), k.split(':').next().unwrap_or(k)),
+    };
+    (!token.is_empty()).then(|| (token.to_owned(), cluster.to_owned()))
+}
+
+/// Stores what an agent's params say, once its websocket is up (a request that only carries
+/// a registration token changes nothing): a cluster agent's apiserver address, CA and
+/// service-account token, with an audit line when they change (old -> new address); a node
+/// agent's node, created or updated on `/register`.
+pub fn record_params(
+    app: &App,
+    key: &ClientKey,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), String> {
+    if key.as_str().starts_with(STV_BEARER_PREFIX) {
+        return Ok(());
+    }
+    let raw = headers
+        .get(PARAMS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let params = parse_params(raw)?;
+    let (cluster_id, machine) = match key.as_str().split_once(':') {
+        Some((c, m)) => (c, Some(m)),
+        None => (key.as_str(), None),
+    };
+    if let (Some(node), Some(machine)) = (params.node, machine) {
+        if !uri.path().ends_with("/register") {
+            return Ok(());
+        }
+        let existing = app.store.node(cluster_id, machine).map_err(store_error)?;
+        let hostname = node_hostname(&node).to_owned();
+        app.store
+            .upsert_node(&Node {
+                id: machine.to_owned(),
+                cluster_id: cluster_id.to_owned(),
+                hostname,
+                docker_socket: existing.as_ref().map_or_else(
                     || DEFAULT_DOCKER_SOCKET.to_owned(),
                     |n| n.docker_socket.clone(),
-                );
-                app.store
-                    .upsert_node(&Node {
-                        id: machine.clone(),
-                        cluster_id: cluster_id.clone(),
-                        hostname,
-                        docker_socket,
-                        created_at,
-                        params: node,
-                    })
-                    .map_err(store_error)?;
-            }
-            _ => {}
+                ),
+                created_at: existing.as_ref().map_or_else(now_unix, |n| n.created_at),
+                params: node,
+            })
+            .map_err(store_error)?;
+        if existing.is_none() {
+            tracing::info!(target: "audit", user = "agent", cluster = %cluster_id, node = %machine, "node registered");
         }
-        return Ok(Some(ClientKey::new(format!("{cluster_id}:{machine}"))));
+        return Ok(());
     }
     if let Some(c) = params.cluster {
         let report = ClusterAgentReport {
@@ -186,18 +321,26 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
             ca_cert: c.ca_cert,
             sa_token: c.token.trim().to_owned(),
         };
+        let old = app.store.cluster(cluster_id).map_err(store_error)?;
         if app
             .store
-            .set_cluster_agent_report(&cluster_id, &report)
+            .set_cluster_agent_report(cluster_id, &report)
             .map_err(store_error)?
         {
-            tracing::info!(cluster = %cluster_id, api_endpoint = %report.api_endpoint, "cluster agent report stored");
+            let old_address = old.as_ref().and_then(|c| c.api_endpoint.clone());
+            tracing::info!(
+                target: "audit",
+                user = "agent",
+                cluster = %cluster_id,
+                old_address = %old_address.as_deref().unwrap_or("-"),
+                new_address = %report.api_endpoint,
+                ca_changed = old.as_ref().is_none_or(|c| c.ca_cert.as_deref() != Some(&report.ca_cert)),
+                sa_token_changed = old.as_ref().is_none_or(|c| c.sa_token.as_deref() != Some(&report.sa_token)),
+                "cluster agent report changed"
+            );
         }
-        return Ok(Some(ClientKey::new(cluster_id)));
     }
-    Err(Failure::Other(
-        "missing node or cluster registration info".to_owned(),
-    ))
+    Ok(())
 }
 
 /// The registration token of an `Authorization: Bearer stv-cluster-<token>` header, if any.
@@ -222,31 +365,46 @@ fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
 }
 
 /// Runs the rate limit and the chain on one tunnel request.
+///
+/// Every credential the request presents is judged on its own: the request skips the limit
+/// only when each of them was accepted before, and each unknown one is a failure, even beside
+/// a valid one (a guessed `stv-cluster-` bearer does not ride along with a stolen registration
+/// token).
 pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
     let now = Instant::now();
     let addr = AddrKey::of(req.remote_addr.ip());
     // In chain order: what each authorizer checks.
     let credentials = [header(req, TOKEN_HEADER), stv_token(req)];
-    let known = credentials.iter().any(|c| app.known_good.contains(c));
-    if !known {
-        if let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::Tunnel) {
-            return Err(rate_limited(addr, retry_after));
-        }
+    let presented = || credentials.into_iter().filter(|c| !c.is_empty());
+    let all_known = presented().count() > 0 && presented().all(|c| app.known_good.contains(c));
+    if !all_known && let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::Tunnel) {
+        return Err(rate_limited(addr, retry_after));
     }
     let result = run_chain(app, req);
-    let failure = match &result {
-        Ok((_, used)) => {
-            app.known_good.insert(credentials[*used], now);
-            None
-        }
-        Err(ChainError::Unauthorized) if credentials.iter().all(|c| c.is_empty()) => {
-            Some("missing_credentials")
-        }
-        Err(ChainError::Unauthorized | ChainError::UnknownToken) => Some("unknown_token"),
-        Err(ChainError::BadRequest(_)) => None,
+    let used = result.as_ref().ok().map(|(_, used)| credentials[*used]);
+    if let Some(used) = used {
+        app.known_good.insert(used, now);
+    }
+    // The chain stops at the first authorizer that authenticates: judge the others too.
+    let unknown: Vec<&str> = presented()
+        .filter(|c| Some(*c) != used)
+        .filter(|c| match app.store.cluster_for_registration_token(c) {
+            Ok(found) => found.is_none(),
+            Err(err) => {
+                store_error(err);
+                false
+            }
+        })
+        .collect();
+    let failure = if presented().count() == 0 {
+        Some("missing_credentials")
+    } else if !unknown.is_empty() || matches!(result, Err(ChainError::Unauthorized)) {
+        Some("unknown_token")
+    } else {
+        None
     };
     if let Some(reason) = failure {
-        for c in credentials {
+        for c in unknown {
             app.known_good.remove(c);
         }
         app.metrics.agent_auth_failure(reason);
@@ -429,6 +587,26 @@ mod tests {
         assert!(limited(&authorize(&app, &request(a, &good))));
         assert!(authorize(&app, &request("192.0.2.3", &good)).is_ok());
         assert!(authorize(&app, &request(a, &good)).is_ok());
+        // A guessed steve bearer beside a valid registration token (with bad params, so that
+        // the chain's first authorizer fails without judging the bearer) costs, from a fresh
+        // address with a budget of 2, and the known-good token does not let it skip the limit.
+        let b = "192.0.2.9";
+        let guess = [
+            (TOKEN_HEADER, token.as_str()),
+            (PARAMS_HEADER, bad_params.as_str()),
+            ("authorization", "Bearer stv-cluster-guess"),
+        ];
+        assert!(matches!(
+            authorize(&app, &request(b, &guess)),
+            Err(Reject::BadRequest(_))
+        ));
+        assert!(matches!(
+            authorize(&app, &request(b, &guess)),
+            Err(Reject::BadRequest(_))
+        ));
+        assert!(limited(&authorize(&app, &request(b, &guess))));
+        // The known-good token alone still goes through from there.
+        assert!(authorize(&app, &request(b, &good)).is_ok());
         // The steve bearer is a credential too.
         let stv = format!("Bearer {STV_BEARER_PREFIX}{token}");
         assert!(limited(&authorize(
@@ -442,11 +620,11 @@ mod tests {
             "{m}"
         );
         assert!(
-            m.contains("tunnel_server_agent_auth_failures_total{reason=\"unknown_token\"} 1"),
+            m.contains("tunnel_server_agent_auth_failures_total{reason=\"unknown_token\"} 3"),
             "{m}"
         );
         assert!(
-            m.contains("tunnel_server_agent_auth_rate_limited_total 3"),
+            m.contains("tunnel_server_agent_auth_rate_limited_total 4"),
             "{m}"
         );
     }

@@ -111,7 +111,7 @@ async fn failed_authentications_are_rate_limited_per_address() {
 
         // Metrics: 4 without credentials, 6 unknown tokens (3 registration, 3 stv bearer), 3
         // refusals.
-        let metrics = server.client().get("/metrics", None).await.body;
+        let metrics = server.metrics().await;
         let missing = metric(&metrics, "tunnel_server_agent_auth_failures_total{reason=\"missing_credentials\"}");
         let unknown = metric(&metrics, "tunnel_server_agent_auth_failures_total{reason=\"unknown_token\"}");
         let limited = metric(&metrics, "tunnel_server_agent_auth_rate_limited_total");
@@ -218,7 +218,7 @@ async fn invalid_user_api_tokens_share_the_limit() {
             started.elapsed()
         );
 
-        let metrics = http.get("/metrics", None).await.body;
+        let metrics = server.metrics().await;
         let failures = metric(&metrics, "tunnel_server_user_auth_failures_total");
         let limited = metric(&metrics, "tunnel_server_user_auth_rate_limited_total");
         println!("metrics: user_auth_failures={failures} user_auth_rate_limited={limited}");

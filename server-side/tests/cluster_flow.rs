@@ -225,7 +225,7 @@ async fn import_register_connect_and_proxy_the_kubernetes_api() {
         assert_eq!(&buf, b"WS BYTES");
 
         // Metrics and audit lines.
-        let metrics = http.get("/metrics", None).await.body;
+        let metrics = server.metrics().await;
         assert!(metrics.contains(&format!("tunnel_server_proxied_requests_total{{kind=\"k8s\",target=\"{cluster_id}\",status=\"200\"}}")), "{metrics}");
         assert!(metrics.contains("tunnel_server_dials_total{result=\"ok\"}"), "{metrics}");
         assert!(

@@ -156,7 +156,7 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 async fn streams(node: &DockerNode) -> u64 {
-    let m = node.server.client().get("/metrics", None).await.body;
+    let m = node.server.metrics().await;
     metric(&m, "tunnel_server_streams")
 }
 

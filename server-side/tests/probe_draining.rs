@@ -30,7 +30,7 @@ async fn draining_stv(server: &ServerProc, registration_token: &str, trust: Trus
 }
 
 async fn sessions(server: &ServerProc) -> String {
-    let m = server.client().get("/metrics", None).await.body;
+    let m = server.metrics().await;
     m.lines()
         .find_map(|l| l.strip_prefix("tunnel_server_sessions "))
         .unwrap_or("?")
@@ -174,7 +174,7 @@ async fn a_fresh_dial_refused_by_a_draining_replica_goes_through_the_older_one()
                 started.elapsed()
             );
         }
-        let metrics = http.get("/metrics", None).await.body;
+        let metrics = server.metrics().await;
         let retried = metrics
             .lines()
             .find_map(|l| {

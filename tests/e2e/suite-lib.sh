@@ -9,7 +9,7 @@
 #   kd ARGS...            kubectl as the downstream cluster's own admin (in the downstream namespace)
 #   dk ARGS...            the real docker CLI through the server (DOCKER_HOST=tcp://.../docker/nodes/<id>)
 #   sc ARGS...            curl to the server from the management namespace, trusting its CA
-#   metric NAME           a value from the server's /metrics
+#   metric NAME           a value from the server's /metrics (as the admin, $ADMIN_TOKEN)
 #
 # Sourced by run.sh after common.sh; uses the variables run.sh sets (W, BIN, NS_*, ...).
 
@@ -242,7 +242,8 @@ code_and_time() {
         -H "Authorization: Bearer $1" "$SERVER_URL$2" 2>/dev/null || true
 }
 
-metrics() { sc --max-time 5 "$SERVER_URL/metrics"; }
+# /metrics on the main listener takes an admin's API token.
+metrics() { sc --max-time 5 -H "Authorization: Bearer $ADMIN_TOKEN" "$SERVER_URL/metrics"; }
 metric() { metrics | awk -v n="$1" '$1 == n { print $2 }'; }
 
 # api PATH: the /v1 management API as the e2e admin.

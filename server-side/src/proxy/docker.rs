@@ -1,5 +1,8 @@
 //! `/docker/nodes/<node-id>/…`: the Docker API of a connected node.
 //!
+//! `<node-id>` is `<cluster-id>:<machine>`, or a bare machine name for the oldest node of that
+//! name ([`crate::store::resolve_node`]: a later registration cannot shadow it).
+//!
 //! The docker CLI keeps the path of `DOCKER_HOST` (`tcp://server:port/docker/nodes/m-xxx`) as a
 //! prefix of every request and sends the `HttpHeaders` of its `config.json`, which carry the
 //! user's `Authorization: Bearer …`. The user must hold a grant on the node's cluster. The
@@ -24,29 +27,21 @@ pub async fn handle(
     node_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let (audit, user) = match Audit::authenticate(&app, &req, "docker", node_id) {
+    let (mut audit, user) = match Audit::authenticate(&app, &req, "docker", node_id) {
         Ok(started) => started,
         Err(resp) => return resp,
     };
-    let mut nodes = match app.store.nodes_named(node_id) {
-        Ok(nodes) => nodes,
-        Err(err) => return audit.respond(internal(&err)),
-    };
-    let node = match nodes.len() {
-        0 => {
+    let node = match crate::store::resolve_node(app.store.as_ref(), node_id) {
+        Ok(Some(node)) => node,
+        Ok(None) => {
             return audit.respond(text(
                 StatusCode::NOT_FOUND,
                 format!("node {node_id} not found"),
             ));
         }
-        1 => nodes.remove(0),
-        _ => {
-            return audit.respond(text(
-                StatusCode::CONFLICT,
-                format!("node name {node_id} is used in several clusters"),
-            ));
-        }
+        Err(err) => return audit.respond(internal(&err)),
     };
+    audit.reaches_cluster(&node.cluster_id);
     match app.store.is_granted(&user.id, &node.cluster_id) {
         Ok(true) => {}
         Ok(false) if user.admin => {}

@@ -34,7 +34,7 @@ pub async fn handle(
     cluster_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let (audit, user) = match Audit::authenticate(&app, &req, "k8s", cluster_id) {
+    let (mut audit, user) = match Audit::authenticate(&app, &req, "k8s", cluster_id) {
         Ok(started) => started,
         Err(resp) => return resp,
     };
@@ -48,6 +48,7 @@ pub async fn handle(
         }
         Err(err) => return audit.respond(internal(&err)),
     };
+    audit.reaches_cluster(cluster_id);
     match app.store.is_granted(&user.id, cluster_id) {
         Ok(true) => {}
         Ok(false) if user.admin => {}

@@ -28,6 +28,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 use tunnel_proto::driver::acceptor::{BoxError, ClientKey, ResponseBody};
 use tunnel_proto::driver::registry::{DialError, SessionId};
 
@@ -113,6 +114,11 @@ pub struct Audit {
     status: AtomicU16,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
+    /// The target names a cluster or node that exists: only then is it a metric label
+    /// (anyone can put any id in a URL).
+    target_known: bool,
+    /// Registered in [`crate::live`]: fires when the user's authority is revoked.
+    live: Option<(CancellationToken, crate::live::Guard)>,
 }
 
 impl Audit {
@@ -136,6 +142,8 @@ impl Audit {
             status: AtomicU16::new(0),
             bytes_in: Arc::default(),
             bytes_out: Arc::default(),
+            target_known: false,
+            live: None,
         }
     }
 
@@ -148,6 +156,16 @@ impl Audit {
         target: &str,
     ) -> Result<(Self, crate::store::User), Response<ResponseBody>> {
         let mut audit = Self::new(app.clone(), kind, target, req.method(), req.uri().path());
+        // Registered before the token is checked: a revocation committed after the check
+        // then always finds this request ([`crate::live`]).
+        if let Some(bearer) = crate::http_util::bearer(req.headers()) {
+            let what = format!(
+                "{kind} request {} {} of {target}",
+                req.method(),
+                req.uri().path()
+            );
+            audit.live = Some(app.live.request(bearer, what));
+        }
         match crate::http_util::authenticate(app, req) {
             Ok(user) => {
                 audit.set_user(&user.name);
@@ -155,6 +173,23 @@ impl Audit {
             }
             Err(resp) => Err(audit.respond(resp)),
         }
+    }
+
+    /// Says that the target exists and belongs to `cluster_id`: the target becomes a metric
+    /// label, and the request is cut if the user loses access to the cluster. Call it before
+    /// checking the user's grant.
+    pub fn reaches_cluster(&mut self, cluster_id: &str) {
+        self.target_known = true;
+        if let Some((_, guard)) = &self.live {
+            guard.set_cluster(cluster_id);
+        }
+    }
+
+    /// Fires when the user's authority over this request is revoked.
+    fn revoked(&self) -> CancellationToken {
+        self.live
+            .as_ref()
+            .map_or_else(CancellationToken::new, |(cut, _)| cut.clone())
     }
 
     /// Names the authenticated user.
@@ -184,14 +219,20 @@ impl Drop for Audit {
             path = %self.path,
             upgrade = self.upgrade.as_deref().unwrap_or("-"),
             status,
+            cut = self.live.as_ref().is_some_and(|(cut, _)| cut.is_cancelled()),
             bytes_in,
             bytes_out,
             duration_ms,
             "proxied request"
         );
+        let label = if self.target_known {
+            self.target.as_str()
+        } else {
+            crate::metrics::UNKNOWN_TARGET
+        };
         self.app
             .metrics
-            .proxied(self.kind, &self.target, status, bytes_in, bytes_out);
+            .proxied(self.kind, label, status, bytes_in, bytes_out);
     }
 }
 
@@ -488,14 +529,57 @@ where
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let bytes_out = audit.bytes_out.clone();
+    let revoked = audit.revoked();
     let body = Counted {
         inner: body,
         count: bytes_out,
         _audit: Some(Arc::new(audit)),
     }
-    .map_err(|e| -> BoxError { Box::new(e) })
+    .map_err(|e| -> BoxError { Box::new(e) });
+    let body = Revocable {
+        inner: body,
+        revoked: Box::pin(revoked.cancelled_owned()),
+    }
     .boxed();
     Response::from_parts(parts, body)
+}
+
+/// A response body that ends with an error (the client sees the response cut off) when the
+/// user's authority over it is revoked: a `watch` or `logs -f` must not outlive its token.
+struct Revocable<B> {
+    inner: B,
+    revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+/// The error a [`Revocable`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the user's access was revoked")]
+struct AccessRevoked;
+
+impl<B> Body for Revocable<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(AccessRevoked))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The answer to a request whose tunnel went silent while it waited for the response head.
@@ -565,9 +649,11 @@ async fn splice(
         }
         let _ = client_wr.shutdown().await;
     };
+    let revoked = audit.revoked();
     tokio::select! {
         () = up => {}
         () = down => {}
+        () = revoked.cancelled() => {}
     }
     drop(audit);
 }

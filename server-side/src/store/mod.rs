@@ -206,7 +206,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// A node of a cluster.
     fn node(&self, cluster_id: &str, id: &str) -> Result<Option<Node>>;
-    /// Nodes with machine name `id` in any cluster (normally at most one).
+    /// Nodes with machine name `id` in any cluster, oldest first (the same host name in two
+    /// clusters gives the same machine name).
     fn nodes_named(&self, id: &str) -> Result<Vec<Node>>;
     /// All nodes, or those of one cluster.
     fn nodes(&self, cluster_id: Option<&str>) -> Result<Vec<Node>>;
@@ -260,6 +261,36 @@ pub trait Store: Send + Sync + 'static {
     fn setting(&self, name: &str) -> Result<Option<String>>;
     /// Sets a setting.
     fn set_setting(&self, name: &str, value: &str) -> Result<()>;
+
+    // === change detection ===
+
+    /// A number that changes whenever anyone (this process or another one, such as the admin
+    /// CLI) has committed a change since the last call. Cheap enough to poll a few times a
+    /// second: the server's revocation loop ([`crate::live`]) reconciles live tunnels and
+    /// streams only when it moves.
+    fn revision(&self) -> Result<u64>;
+}
+
+/// The node a user-facing reference names: `<cluster-id>:<machine>` (always unambiguous), or
+/// a bare machine name, which names the **oldest** node of that name. Machine names derive from
+/// host names, so two clusters can hold the same one; resolving a bare name to the first
+/// registered node means that no later registration, by any cluster's token, can shadow or
+/// take over a node that users already reach by its bare name.
+pub fn resolve_node(store: &dyn Store, reference: &str) -> Result<Option<Node>> {
+    match reference.split_once(':') {
+        Some((cluster_id, machine)) => store.node(cluster_id, machine),
+        None => Ok(store.nodes_named(reference)?.into_iter().next()),
+    }
+}
+
+/// Whether `reference` has the shape of a node reference ([`resolve_node`]).
+pub fn valid_node_reference(reference: &str) -> bool {
+    match reference.split_once(':') {
+        Some((cluster_id, machine)) => {
+            crate::tokens::valid_id(cluster_id) && crate::tokens::valid_id(machine)
+        }
+        None => crate::tokens::valid_id(reference),
+    }
 }
 
 /// Seconds since the Unix epoch.

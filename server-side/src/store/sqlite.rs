@@ -85,6 +85,10 @@ const MIGRATIONS: &[&str] = &[
 /// The embedded store. See the module docs.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// A connection of its own for [`Store::revision`]: SQLite's `data_version` only moves for
+    /// commits made by *other* connections, so this one sees this process's writes as well as
+    /// the CLI's. None for an in-memory database (no other connection can open it).
+    watch: Option<Mutex<Connection>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -97,7 +101,11 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        let watch = Connection::open(path)?;
+        watch.busy_timeout(Duration::from_secs(5))?;
+        store.watch = Some(Mutex::new(watch));
+        Ok(store)
     }
 
     /// An in-memory database (tests).
@@ -113,6 +121,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            watch: None,
         })
     }
 
@@ -392,7 +401,7 @@ impl Store for SqliteStore {
     fn nodes_named(&self, id: &str) -> Result<Vec<Node>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT {NODE_COLS} FROM nodes WHERE id = ?1 ORDER BY cluster_id"
+            "SELECT {NODE_COLS} FROM nodes WHERE id = ?1 ORDER BY created_at, rowid"
         ))?;
         collect(stmt.query_map([id], node_row)?)
     }
@@ -691,11 +700,51 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
+
+    fn revision(&self) -> Result<u64> {
+        let value: i64 = match &self.watch {
+            Some(watch) => watch.lock().unwrap_or_else(|p| p.into_inner()).query_row(
+                "PRAGMA data_version",
+                [],
+                |r| r.get(0),
+            )?,
+            // Only this connection can write an in-memory database.
+            None => self
+                .conn()
+                .query_row("SELECT total_changes()", [], |r| r.get(0))?,
+        };
+        Ok(value as u64)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revision_moves_on_commits_from_any_connection() {
+        let dir = std::env::temp_dir().join(format!("revision-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let server = SqliteStore::open(&path).unwrap();
+        let cli = SqliteStore::open(&path).unwrap();
+        let r0 = server.revision().unwrap();
+        assert_eq!(server.revision().unwrap(), r0, "no commit, no change");
+        let (c, _) = server.create_cluster("own-write").unwrap();
+        let r1 = server.revision().unwrap();
+        assert_ne!(r1, r0, "this process's own commit");
+        cli.delete_cluster(&c.id).unwrap();
+        let r2 = server.revision().unwrap();
+        assert_ne!(r2, r1, "another process's commit (the CLI)");
+        assert_eq!(server.revision().unwrap(), r2);
+
+        let memory = SqliteStore::open_in_memory().unwrap();
+        let m0 = memory.revision().unwrap();
+        memory.create_cluster("m").unwrap();
+        assert_ne!(memory.revision().unwrap(), m0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn clusters_tokens_nodes_users_grants() {

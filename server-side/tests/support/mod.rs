@@ -71,6 +71,8 @@ impl Drop for TempDir {
 pub struct ServerProc {
     pub child: Child,
     pub addr: SocketAddr,
+    /// `--metrics-listen`: `/metrics` without a token, plain HTTP.
+    pub metrics_addr: SocketAddr,
     pub url: String,
     pub data_dir: PathBuf,
     pub stderr_log: PathBuf,
@@ -93,18 +95,18 @@ impl ServerProc {
                 .as_nanos()
         ));
         let log = std::fs::File::create(&stderr_log).unwrap();
+        // A test may choose its own probe interval.
+        let probe = if extra.contains(&"--probe-interval") {
+            &[][..]
+        } else {
+            &["--probe-interval", "0.3"][..]
+        };
         let mut child = Command::new(BIN)
             .arg("--data-dir")
             .arg(data_dir)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--probe-interval",
-                "0.3",
-                "--shutdown-grace",
-                "3",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(probe)
+            .args(["--shutdown-grace", "3", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -118,7 +120,9 @@ impl ServerProc {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
+            // "listening on …", then "metrics on …".
+            for line in lines.by_ref().take(2) {
+                let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
             for _ in lines {}
@@ -138,9 +142,18 @@ impl ServerProc {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         let (addr, url) = rest.split_once(' ').unwrap();
+        let metrics_line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tunnel-server printed no metrics line");
+        let metrics_addr = metrics_line
+            .strip_prefix("metrics on ")
+            .unwrap_or_else(|| panic!("unexpected second line {metrics_line:?}"))
+            .parse()
+            .unwrap();
         Self {
             child,
             addr: addr.parse().unwrap(),
+            metrics_addr,
             url: url.trim_matches(|c| c == '(' || c == ')').to_owned(),
             data_dir: data_dir.to_owned(),
             stderr_log,
@@ -157,6 +170,17 @@ impl ServerProc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// The Prometheus text, from the `--metrics-listen` address.
+    pub async fn metrics(&self) -> String {
+        HttpClient {
+            addr: self.metrics_addr,
+            tls: None,
+        }
+        .get("/metrics", None)
+        .await
+        .body
     }
 
     /// SIGKILL, and wait.
