@@ -63,7 +63,7 @@ impl SessionConfig {
             max_streams: 16_384,
             max_connect_payload: crate::wire::CONNECT_PAYLOAD_SAFE,
             max_control_queue: 1 << 20,
-            max_outbound_backlog: 4 << 20,
+            max_outbound_backlog: 8 << 20,
             max_session_recv_buffer: 128 << 20,
         }
     }
@@ -160,12 +160,19 @@ impl SessionConfig {
     }
 
     /// Bytes of control frames queued for sending above which the driver stops reading the
-    /// websocket until the peer has taken some (default 4 MiB). This is back-pressure, not
-    /// loss: nothing is dropped, the peer's writes wait in its socket. Only control frames
-    /// count; Data has per-stream bounds and blocked writers, and counting it would let two
-    /// ends with bulk transfers both ways stop reading each other at once. It sits above
-    /// [`SessionConfig::max_control_queue`], so a peer flooding junk is cut off with a clear
-    /// error rather than stalled; set it lower to stall such a peer instead.
+    /// websocket until the peer has taken some (default 8 MiB). This is back-pressure, not
+    /// loss: nothing is dropped, the peer's writes wait in its socket.
+    ///
+    /// Stalling reads is costly with a Go peer (spec §3.2 item 2: its reader goroutine also
+    /// writes Pongs, Pauses and Errors, so it stops reading us too while we do not read it),
+    /// so the default sits above anything a peer that reads can make queue: the stream table
+    /// holds at most one Connect, one close and one Pause/Resume per stream (16,384 streams
+    /// with the longest Connect make under 5 MB), and replies end the session at
+    /// [`SessionConfig::max_control_queue`] first. It is the backstop that keeps the whole
+    /// control queue bounded; set it below `max_control_queue` to stall a junk-flooding peer
+    /// instead of cutting it off. Only control frames count: Data has per-stream bounds and
+    /// writers that wait, and counting it would let two ends with bulk transfers both ways
+    /// stop reading each other at once.
     pub fn max_outbound_backlog(&mut self, bytes: usize) -> &mut Self {
         self.max_outbound_backlog = bytes.max(1);
         self
@@ -173,9 +180,11 @@ impl SessionConfig {
 
     /// Bound on the unread bytes of all streams of the session together (default 128 MiB,
     /// four streams at the per-stream bound). Past half of it, any stream that receives Data
-    /// is paused whatever its own level, so a peer that honours Pause (every Go peer) stays
-    /// near the half mark however many streams sit unread; a peer that goes past the bound
-    /// anyway loses the session with
+    /// is paused whatever its own level, so a peer that honours Pause stays near the half mark
+    /// however many streams sit unread. (A Go peer honours it except on a stream where it is
+    /// itself reading, whose reads undo our Pause, spec §3.2 item 1b; such a stream still
+    /// meets its own bound first.) A peer that goes past the bound anyway loses the session
+    /// with
     /// [`SessionError::RecvBufferLimit`](crate::mux::SessionError::RecvBufferLimit).
     pub fn max_session_recv_buffer(&mut self, bytes: usize) -> &mut Self {
         self.max_session_recv_buffer = bytes.max(1);

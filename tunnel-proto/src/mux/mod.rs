@@ -28,8 +28,7 @@
 //! §5.5.3 lets a Pong answer only the latest Ping), so a Ping flood holds nothing. Unread bytes
 //! are bounded per stream (that stream is reset) and across the session: past half the
 //! session bound every stream that receives Data is paused, and past the bound the session
-//! ends with [`SessionError::RecvBufferLimit`]. Only a peer that ignores Pause, which no Go
-//! peer does, gets that far.
+//! ends with [`SessionError::RecvBufferLimit`]. Only a peer that ignores Pause gets that far.
 
 mod error;
 mod ids;
