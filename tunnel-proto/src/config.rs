@@ -1,5 +1,17 @@
 //! Protocol knobs. Every bound the session enforces is a field here, with its default and the
 //! trade-off it makes.
+//!
+//! What a peer can make this side hold, and what bounds it:
+//!
+//! | buffer | bound | past it |
+//! |---|---|---|
+//! | one stream's unread bytes | `max_stream_recv_buffer` | that stream is reset |
+//! | all streams' unread bytes | `max_session_recv_buffer` | peer paused at half; session ends |
+//! | replies queued for the peer | `max_control_queue` | session ends |
+//! | control frames queued to send | `max_outbound_backlog` | the driver stops reading |
+//! | one stream's unsent bytes | `max_stream_send_buffer` | writes wait |
+//! | streams | `max_streams` | Connects refused |
+//! | one websocket message | [`crate::driver::websocket_config`] | session ends |
 
 use std::time::Duration;
 
@@ -28,6 +40,9 @@ pub struct SessionConfig {
     pub(crate) max_data_chunk: usize,
     pub(crate) max_streams: usize,
     pub(crate) max_connect_payload: usize,
+    pub(crate) max_control_queue: usize,
+    pub(crate) max_outbound_backlog: usize,
+    pub(crate) max_session_recv_buffer: usize,
 }
 
 impl SessionConfig {
@@ -47,6 +62,9 @@ impl SessionConfig {
             max_data_chunk: 32 << 10,
             max_streams: 16_384,
             max_connect_payload: crate::wire::CONNECT_PAYLOAD_SAFE,
+            max_control_queue: 1 << 20,
+            max_outbound_backlog: 8 << 20,
+            max_session_recv_buffer: 128 << 20,
         }
     }
 
@@ -124,6 +142,52 @@ impl SessionConfig {
     /// version reads; 266 is safe only for peers known to run remotedialer v0.5.0 or later.
     pub fn max_connect_payload(&mut self, bytes: usize) -> &mut Self {
         self.max_connect_payload = bytes.min(crate::wire::CONNECT_PAYLOAD_CAP);
+        self
+    }
+
+    /// Bytes of replies the session may hold for a peer that is not reading them (default
+    /// 1 MiB, about 25,000 Errors). Replies are what the peer's own input makes this side
+    /// send and what it could make without end: Errors for Data on unknown streams, for
+    /// refused or excess Connects, for overrun streams. A peer that keeps sending such input
+    /// while never reading the answers loses the session with
+    /// [`SessionError::ControlQueueOverflow`](crate::mux::SessionError::ControlQueueOverflow);
+    /// a peer that reads (any Go peer) drains them as fast as it makes them. Frames this side
+    /// originates (Connect, close, Pause, Resume, sync) are bounded by the stream count and
+    /// never count here. Pings and Pongs coalesce to one each.
+    pub fn max_control_queue(&mut self, bytes: usize) -> &mut Self {
+        self.max_control_queue = bytes.max(1);
+        self
+    }
+
+    /// Bytes of control frames queued for sending above which the driver stops reading the
+    /// websocket until the peer has taken some (default 8 MiB). This is back-pressure, not
+    /// loss: nothing is dropped, the peer's writes wait in its socket.
+    ///
+    /// Stalling reads is costly with a Go peer (spec §3.2 item 2: its reader goroutine also
+    /// writes Pongs, Pauses and Errors, so it stops reading us too while we do not read it),
+    /// so the default sits above anything a peer that reads can make queue: the stream table
+    /// holds at most one Connect, one close and one Pause/Resume per stream (16,384 streams
+    /// with the longest Connect make under 5 MB), and replies end the session at
+    /// [`SessionConfig::max_control_queue`] first. It is the backstop that keeps the whole
+    /// control queue bounded; set it below `max_control_queue` to stall a junk-flooding peer
+    /// instead of cutting it off. Only control frames count: Data has per-stream bounds and
+    /// writers that wait, and counting it would let two ends with bulk transfers both ways
+    /// stop reading each other at once.
+    pub fn max_outbound_backlog(&mut self, bytes: usize) -> &mut Self {
+        self.max_outbound_backlog = bytes.max(1);
+        self
+    }
+
+    /// Bound on the unread bytes of all streams of the session together (default 128 MiB,
+    /// four streams at the per-stream bound). Past half of it, any stream that receives Data
+    /// is paused whatever its own level, so a peer that honours Pause stays near the half mark
+    /// however many streams sit unread. (A Go peer honours it except on a stream where it is
+    /// itself reading, whose reads undo our Pause, spec §3.2 item 1b; such a stream still
+    /// meets its own bound first.) A peer that goes past the bound anyway loses the session
+    /// with
+    /// [`SessionError::RecvBufferLimit`](crate::mux::SessionError::RecvBufferLimit).
+    pub fn max_session_recv_buffer(&mut self, bytes: usize) -> &mut Self {
+        self.max_session_recv_buffer = bytes.max(1);
         self
     }
 }

@@ -7,6 +7,14 @@
 //! the one timer the session asks for, and wakes the streams the session names. Protocol
 //! decisions live in [`crate::mux`]; nothing here decides what goes on the wire.
 //!
+//! The one exception to reading as messages arrive is back-pressure on the peer itself: while
+//! the session's queued control frames are over [`SessionConfig::max_outbound_backlog`] (the
+//! peer is not taking what we send, and each message read may add to it), the driver stops
+//! reading and waits for the websocket to take some. Nothing is dropped; the peer's writes
+//! wait in its socket. Data does not count: it has per-stream bounds and writers that wait,
+//! and two ends doing bulk transfers both ways must never stop reading each other at once.
+//! A session that ends because the peer broke a bound is logged as a warning.
+//!
 //! ```text
 //!   Tunnel (handle: open / accept / close)      Stream (AsyncRead + AsyncWrite)
 //!        │                                            │ lock, read/write, wake driver
@@ -88,6 +96,8 @@ pub(crate) struct State {
     acceptor: Option<Waker>,
     closed_waiters: Vec<Waker>,
     close_requested: bool,
+    /// Why a requested close ends the session ([`SessionError::Local`] unless set).
+    close_reason: Option<SessionError>,
     protocol_errors: Vec<ProtocolError>,
 }
 
@@ -134,6 +144,7 @@ impl Tunnel {
                 acceptor: None,
                 closed_waiters: Vec::new(),
                 close_requested: false,
+                close_reason: None,
                 protocol_errors: Vec::new(),
             }),
         });
@@ -144,6 +155,7 @@ impl Tunnel {
             pending: None,
             flush_needed: false,
             close_echo_since: None,
+            reads_held: false,
         };
         (Tunnel { shared }, driver)
     }
@@ -208,6 +220,14 @@ impl Tunnel {
         Shared::wake_driver(&mut state);
     }
 
+    /// Like [`Tunnel::close`], with the reason the session will give (a registry evicting it).
+    pub(crate) fn close_with(&self, reason: SessionError) {
+        let mut state = self.shared.lock();
+        state.close_requested = true;
+        state.close_reason.get_or_insert(reason);
+        Shared::wake_driver(&mut state);
+    }
+
     /// Waits until the session has ended, and says why.
     pub async fn closed(&self) -> SessionError {
         std::future::poll_fn(|cx| {
@@ -264,6 +284,9 @@ pub struct Driver<S> {
     /// §5.5.1, as gorilla does), which goes out before the driver ends, for at most
     /// [`CLOSE_ECHO_TIMEOUT`] after this instant.
     close_echo_since: Option<tokio::time::Instant>,
+    /// Reads are held back because the outbound backlog is over its bound (for logging the
+    /// change once).
+    reads_held: bool,
 }
 
 /// Most inbound messages handled per turn before writing, so a flood in cannot hold back
@@ -323,6 +346,10 @@ where
             dispatch_events(&mut state, wake);
             if state.session.closed().is_some() {
                 return (true, false);
+            }
+            if state.session.outbound_backlogged() {
+                // Write first; the main loop reads again once the backlog is down.
+                return (true, true);
             }
         }
         // A full batch: come back at once rather than wait for a wakeup.
@@ -464,7 +491,25 @@ where
                 }
             };
 
-            let (read_progress, open) = this.poll_inbound(cx, &mut wake);
+            // Back-pressure: while the peer is not taking our control frames, read no more of
+            // its input. poll_outbound has registered for write readiness (the queue is not
+            // empty, so it either wrote or found the websocket not ready).
+            let backlogged = this.shared.lock().session.outbound_backlogged();
+            if backlogged != this.reads_held {
+                this.reads_held = backlogged;
+                let state = this.shared.lock();
+                let backlog = state.session.control_backlog();
+                if backlogged {
+                    tracing::debug!(backlog, "peer not reading: reads held back");
+                } else {
+                    tracing::debug!(backlog, "outbound backlog drained: reading again");
+                }
+            }
+            let (read_progress, open) = if backlogged {
+                (false, true)
+            } else {
+                this.poll_inbound(cx, &mut wake)
+            };
 
             // Timers.
             let mut state = this.shared.lock();
@@ -494,7 +539,8 @@ where
                 && this.pending.is_none()
                 && !this.flush_needed
             {
-                state.session.close_session(SessionError::Local);
+                let reason = state.close_reason.take().unwrap_or(SessionError::Local);
+                state.session.close_session(reason);
                 dispatch_events(&mut state, &mut wake);
             }
             if !open && state.session.closed().is_none() {
@@ -510,6 +556,13 @@ where
                     && !this.poll_close_echo(cx, since)
                 {
                     break Poll::Pending;
+                }
+                if matches!(
+                    err,
+                    SessionError::ControlQueueOverflow { .. }
+                        | SessionError::RecvBufferLimit { .. }
+                ) {
+                    tracing::warn!(error = %err, "session ended: the peer broke a bound");
                 }
                 break Poll::Ready(err);
             }

@@ -20,6 +20,17 @@
 //! A silent session is only skipped, not closed: the session's own keepalive timeout (60 s, as
 //! Go) decides when it is dead, so a slow-but-alive agent is not cut off early.
 //!
+//! A key holds at most [`RegistryConfig::set_max_sessions_per_key`] sessions (default 8; Go
+//! has no cap, so a looping or hostile agent with a valid token could pile up sessions until
+//! each one's 60 s timeout). Past the cap the **new session is taken and an old one is
+//! evicted**, not the other way round: a reconnect is exactly the moment when stale sessions
+//! of the key are still registered (their agent's socket vanished without a FIN), and refusing
+//! it would lock a real agent out for up to a minute because of its own ghosts. The session
+//! evicted is the oldest *silent* one if there is any (the ghost), else the oldest; it ends
+//! with [`SessionError::Evicted`]. The default leaves room for the two replicas of a cluster
+//! agent plus a few reconnects in flight; it is reached only by a key that keeps opening
+//! sessions, and then the tunnels it loses are its own.
+//!
 //! ```text
 //!   Acceptor ──AcceptedTunnel──▶ serve_acceptor_tunnel ──register(key, tunnel)──▶ Registry
 //!                                 (runs the driver)           │ one watcher task per session:
@@ -59,6 +70,9 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 /// 100-byte cap minus `/` and a 19-digit session key).
 pub const MAX_CLIENT_KEY_LEN: usize = 80;
 
+/// Default for [`RegistryConfig::set_max_sessions_per_key`]: 8 sessions.
+pub const DEFAULT_MAX_SESSIONS_PER_KEY: usize = 8;
+
 // === config ===
 
 /// Registry settings. `Default` gives the documented defaults.
@@ -66,6 +80,7 @@ pub const MAX_CLIENT_KEY_LEN: usize = 80;
 pub struct RegistryConfig {
     max_silence: Duration,
     event_capacity: usize,
+    max_sessions_per_key: usize,
 }
 
 impl Default for RegistryConfig {
@@ -73,12 +88,13 @@ impl Default for RegistryConfig {
         Self {
             max_silence: DEFAULT_MAX_SILENCE,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            max_sessions_per_key: DEFAULT_MAX_SESSIONS_PER_KEY,
         }
     }
 }
 
 impl RegistryConfig {
-    /// The defaults: 15 s max silence, 1024 buffered events.
+    /// The defaults: 15 s max silence, 1024 buffered events, 8 sessions per key.
     pub fn new() -> Self {
         Self::default()
     }
@@ -103,6 +119,21 @@ impl RegistryConfig {
     pub fn set_event_capacity(&mut self, capacity: usize) -> &mut Self {
         self.event_capacity = capacity.max(1);
         self
+    }
+
+    /// Most sessions one client key may hold (default 8, [`DEFAULT_MAX_SESSIONS_PER_KEY`]; at
+    /// least 1). A session registered past the cap is taken and evicts the oldest silent
+    /// session of the key, else the oldest (see the module docs for why not refuse it). Keep
+    /// it above the number of agents sharing a key (cluster-agent replicas) plus the
+    /// reconnects that may overlap their old sessions.
+    pub fn set_max_sessions_per_key(&mut self, max: usize) -> &mut Self {
+        self.max_sessions_per_key = max.max(1);
+        self
+    }
+
+    /// The per-key session cap in force.
+    pub fn max_sessions_per_key(&self) -> usize {
+        self.max_sessions_per_key
     }
 }
 
@@ -299,6 +330,10 @@ impl Registry {
     /// tunnel ends. Emits [`RegistryEvent::Added`] (and, when the tunnel ends,
     /// [`RegistryEvent::Removed`] with its [`SessionError`]). Several sessions may share a key.
     ///
+    /// Never refused for their number: past [`RegistryConfig::set_max_sessions_per_key`] an
+    /// older session of the key is evicted, the oldest silent one if any, else the oldest
+    /// (removed with [`SessionError::Evicted`], and its tunnel closed).
+    ///
     /// Must be called within a tokio runtime (the watcher is a task). Dropping the returned
     /// handle changes nothing; it is for closing this one session or looking at it.
     pub fn register(
@@ -327,7 +362,13 @@ impl Registry {
             key: key.clone(),
             session_id: id,
         });
+        let evicted = self.inner.evict_over_cap(&mut clients, &key);
         drop(clients);
+        for tunnel in evicted {
+            tunnel.close_with(SessionError::Evicted {
+                limit: self.inner.config.max_sessions_per_key,
+            });
+        }
         Ok(SessionHandle {
             registry: Arc::downgrade(&self.inner),
             key,
@@ -505,6 +546,36 @@ impl Inner {
             session_id: entry.id,
             reason,
         });
+    }
+
+    /// Removes sessions of `key` past the cap, the oldest silent one first, else the oldest
+    /// (never the newest, just registered), and returns their tunnels to close once the map
+    /// is unlocked.
+    fn evict_over_cap(
+        &self,
+        clients: &mut HashMap<ClientKey, Vec<Entry>>,
+        key: &ClientKey,
+    ) -> Vec<Tunnel> {
+        let limit = self.config.max_sessions_per_key;
+        let max_silence = self.config.max_silence;
+        let mut evicted = Vec::new();
+        while let Some(entries) = clients.get(key)
+            && entries.len() > limit
+        {
+            let older = &entries[..entries.len() - 1];
+            let victim = older
+                .iter()
+                .find(|e| !e.tunnel.is_healthy(max_silence))
+                .unwrap_or(&older[0])
+                .id;
+            let Some(entry) = Self::take(clients, key, victim) else {
+                break;
+            };
+            tracing::info!(%key, session = %victim, limit, "session evicted: over the per-key cap");
+            self.announce_removed(key, &entry, SessionError::Evicted { limit });
+            evicted.push(entry.tunnel);
+        }
+        evicted
     }
 
     fn remove(&self, key: &ClientKey, id: SessionId, reason: SessionError) -> Option<Tunnel> {

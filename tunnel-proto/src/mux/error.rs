@@ -112,4 +112,31 @@ pub enum SessionError {
     /// The application closed the session.
     #[error("session closed locally")]
     Local,
+    /// The peer kept sending input that needs an answer (Data for unknown streams, refused
+    /// Connects) without reading the answers, past [`SessionConfig::max_control_queue`].
+    ///
+    /// [`SessionConfig::max_control_queue`]: crate::SessionConfig::max_control_queue
+    #[error(
+        "control queue overflow: over {limit} bytes of replies queued for a peer that does not read them"
+    )]
+    ControlQueueOverflow {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// The unread bytes of all streams together went past
+    /// [`SessionConfig::max_session_recv_buffer`]: the peer ignored Pause.
+    ///
+    /// [`SessionConfig::max_session_recv_buffer`]: crate::SessionConfig::max_session_recv_buffer
+    #[error("session receive buffer limit of {limit} bytes exceeded across streams")]
+    RecvBufferLimit {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// A registry dropped this session because its client key opened more sessions than the
+    /// registry's per-key cap.
+    #[error("session evicted: its client key went over the cap of {limit} sessions")]
+    Evicted {
+        /// The cap.
+        limit: usize,
+    },
 }

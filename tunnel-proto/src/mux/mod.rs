@@ -19,6 +19,16 @@
 //! Resume are honoured but Data after Pause is buffered up to a hard bound, past which only that
 //! stream is reset; unknown types and unknown streams never end the session; stream ids are
 //! negative so they never meet a Go peer's; SyncConnections spares young streams.
+//!
+//! Every buffer the peer can grow has a bound (see [`crate::config`]). Replies to the peer's
+//! input (Errors for junk Data, refused Connects) are counted while they wait to be sent: a
+//! peer that keeps provoking them without reading them loses the session with
+//! [`SessionError::ControlQueueOverflow`], because nothing else would stop it and stalling it
+//! would only hold the session hostage. Pings and Pongs coalesce to one of each (RFC 6455
+//! §5.5.3 lets a Pong answer only the latest Ping), so a Ping flood holds nothing. Unread bytes
+//! are bounded per stream (that stream is reset) and across the session: past half the
+//! session bound every stream that receives Data is paused, and past the bound the session
+//! ends with [`SessionError::RecvBufferLimit`]. Only a peer that ignores Pause gets that far.
 
 mod error;
 mod ids;
@@ -178,6 +188,36 @@ pub struct Stats {
     pub synced_closes: u64,
 }
 
+/// A frame in the control queue.
+#[derive(Debug)]
+struct Control {
+    transmit: Transmit,
+    /// Counted against `max_control_queue`: sent in answer to the peer's input.
+    reply: bool,
+}
+
+impl Control {
+    /// What the frame weighs in the queue: its bytes, or a nominal size for Ping and Pong.
+    fn cost(&self) -> usize {
+        match &self.transmit {
+            Transmit::Message(bytes) => bytes.len(),
+            Transmit::Ping | Transmit::Pong => PING_COST,
+        }
+    }
+}
+
+/// Queue weight of a Ping or Pong (an empty websocket control frame is 2 bytes on the wire;
+/// this counts the bookkeeping too).
+const PING_COST: usize = 16;
+
+/// Whether a frame is an answer to the peer's input (counted against `max_control_queue`) or
+/// something this side originates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Peer,
+    Local,
+}
+
 /// One remotedialer session. See the module docs for the call pattern.
 pub struct Session {
     config: SessionConfig,
@@ -185,7 +225,16 @@ pub struct Session {
     streams: HashMap<i64, Stream>,
     ids: IdAllocator,
     scheduler: Scheduler,
-    control: VecDeque<Transmit>,
+    control: VecDeque<Control>,
+    /// Bytes of everything in `control`.
+    control_bytes: usize,
+    /// Bytes of the replies in `control` (bounded by `max_control_queue`).
+    reply_bytes: usize,
+    /// A Pong (resp. Ping) waits in `control`: another would say nothing new.
+    pong_queued: bool,
+    ping_queued: bool,
+    /// Unread bytes of all streams (bounded by `max_session_recv_buffer`).
+    recv_total: usize,
     events: VecDeque<Event>,
     timers: Timers,
     next_message_id: i64,
@@ -231,6 +280,11 @@ impl Session {
             streams: HashMap::new(),
             scheduler: Scheduler::default(),
             control: VecDeque::new(),
+            control_bytes: 0,
+            reply_bytes: 0,
+            pong_queued: false,
+            ping_queued: false,
+            recv_total: 0,
             events: VecDeque::new(),
             timers,
             next_message_id: 0,
@@ -287,6 +341,24 @@ impl Session {
         self.streams.get(&id).map_or(0, |s| s.recv_len)
     }
 
+    /// Unread bytes buffered across all streams (bounded by
+    /// [`SessionConfig::max_session_recv_buffer`]).
+    pub fn recv_buffered(&self) -> usize {
+        self.recv_total
+    }
+
+    /// Bytes of control frames waiting to be sent (the driver stops reading while this is
+    /// over [`SessionConfig::max_outbound_backlog`]).
+    pub fn control_backlog(&self) -> usize {
+        self.control_bytes
+    }
+
+    /// Whether the control backlog is over [`SessionConfig::max_outbound_backlog`]: the
+    /// driver should not read more from the peer until some of it has gone out.
+    pub fn outbound_backlogged(&self) -> bool {
+        self.control_bytes > self.config.max_outbound_backlog
+    }
+
     /// When the peer was last heard from.
     pub fn last_heard(&self) -> Instant {
         self.timers.last_heard()
@@ -297,18 +369,59 @@ impl Session {
         self.next_message_id
     }
 
+    /// Queues a message this side originates (bounded by the stream table, not counted).
     fn queue_message(&mut self, conn_id: i64, body: Body) {
-        let id = self.message_id();
-        let message = Message::new(id, conn_id, body);
-        self.control
-            .push_back(Transmit::Message(message.to_bytes()));
+        self.queue_control(conn_id, body, Cause::Local);
     }
 
-    fn queue_error(&mut self, conn_id: i64, text: &str) {
+    fn queue_control(&mut self, conn_id: i64, body: Body, cause: Cause) {
+        if self.closed.is_some() {
+            return;
+        }
+        let id = self.message_id();
+        let bytes = Message::new(id, conn_id, body).to_bytes();
+        let len = bytes.len();
+        let reply = cause == Cause::Peer;
+        if reply {
+            let limit = self.config.max_control_queue;
+            if self.reply_bytes + len > limit {
+                self.close_session(SessionError::ControlQueueOverflow { limit });
+                return;
+            }
+            self.reply_bytes += len;
+        }
+        self.control_bytes += len;
+        self.control.push_back(Control {
+            transmit: Transmit::Message(bytes),
+            reply,
+        });
+    }
+
+    /// Queues a Ping (`pong` false) or Pong ahead of everything, unless one is already
+    /// waiting: it says all another would.
+    fn queue_ping_pong(&mut self, pong: bool) {
+        let (queued, transmit) = if pong {
+            (&mut self.pong_queued, Transmit::Pong)
+        } else {
+            (&mut self.ping_queued, Transmit::Ping)
+        };
+        if *queued || self.closed.is_some() {
+            return;
+        }
+        *queued = true;
+        self.control_bytes += PING_COST;
+        self.control.push_front(Control {
+            transmit,
+            reply: false,
+        });
+    }
+
+    fn queue_error(&mut self, conn_id: i64, text: &str, cause: Cause) {
         let text = wire::cap_error_text(text);
-        self.queue_message(
+        self.queue_control(
             conn_id,
             Body::Error(Bytes::copy_from_slice(text.as_bytes())),
+            cause,
         );
     }
 
@@ -318,9 +431,15 @@ impl Session {
         }
     }
 
-    /// Ends a stream in both directions. `send_error` is the Error text to send, if any; the
-    /// receive side ends with `recv` unless it already ended.
-    fn end_stream(&mut self, id: i64, recv: RecvEnd, send_error: Option<&str>, discard_recv: bool) {
+    /// Ends a stream in both directions. `send_error` is the Error text to send, if any, and
+    /// whose doing it is; the receive side ends with `recv` unless it already ended.
+    fn end_stream(
+        &mut self,
+        id: i64,
+        recv: RecvEnd,
+        send_error: Option<(&str, Cause)>,
+        discard_recv: bool,
+    ) {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
@@ -330,12 +449,12 @@ impl Session {
             stream.recv_end = recv;
         }
         if discard_recv {
-            stream.discard_recv();
+            self.recv_total -= stream.discard_recv();
         }
         self.events.push_back(Event::Readable(id));
         self.events.push_back(Event::Writable(id));
-        if let Some(text) = send_error {
-            self.queue_error(id, text);
+        if let Some((text, cause)) = send_error {
+            self.queue_error(id, text, cause);
         }
         self.reap(id);
     }
@@ -361,7 +480,7 @@ impl Session {
                 if err == DecodeError::ConnectAddress {
                     // The header decoded, so the stream is known: fail only that stream.
                     if let Some(conn_id) = header_conn_id(&bytes) {
-                        self.queue_error(conn_id, &err.to_string());
+                        self.queue_error(conn_id, &err.to_string(), Cause::Peer);
                     }
                 }
                 return Err(err.into());
@@ -382,12 +501,11 @@ impl Session {
         ProtocolError::WrongMessageType
     }
 
-    /// Handles a websocket Ping: a Pong is queued ahead of Data.
+    /// Handles a websocket Ping: a Pong is queued ahead of Data, unless one is already
+    /// waiting (it answers this Ping too).
     pub fn handle_ping(&mut self, now: Instant) {
         self.timers.heard(now);
-        if self.closed.is_none() {
-            self.control.push_front(Transmit::Pong);
-        }
+        self.queue_ping_pong(true);
     }
 
     /// Handles a websocket Pong.
@@ -431,7 +549,7 @@ impl Session {
     ) -> Result<(), ProtocolError> {
         if !(self.authorizer)(&target) {
             self.stats.connects_refused += 1;
-            self.queue_error(conn_id, "connect not allowed");
+            self.queue_error(conn_id, "connect not allowed", Cause::Peer);
             return Err(ProtocolError::ConnectNotAllowed { conn_id });
         }
         if self.streams.contains_key(&conn_id) {
@@ -440,13 +558,13 @@ impl Session {
             self.end_stream(
                 conn_id,
                 RecvEnd::Failed(StreamError::Replaced),
-                Some("stream id in use"),
+                Some(("stream id in use", Cause::Peer)),
                 false,
             );
             return Ok(());
         }
         if self.streams.len() >= self.config.max_streams {
-            self.queue_error(conn_id, "too many streams");
+            self.queue_error(conn_id, "too many streams", Cause::Peer);
             return Ok(());
         }
         self.max_remote_id = self.max_remote_id.max(conn_id);
@@ -467,7 +585,8 @@ impl Session {
                 Role::Client => "client",
                 Role::Server => "server",
             };
-            self.queue_error(conn_id, &format!("connection not found {who}/0/{conn_id}"));
+            let text = format!("connection not found {who}/0/{conn_id}");
+            self.queue_error(conn_id, &text, Cause::Peer);
             return;
         };
         if !matches!(stream.recv_end, RecvEnd::Open) || !stream.held || len == 0 {
@@ -478,16 +597,28 @@ impl Session {
             self.stats.buffer_limit_resets += 1;
             let error = StreamError::BufferLimit { limit };
             let text = error.to_string();
-            self.end_stream(conn_id, RecvEnd::Failed(error), Some(&text), true);
+            let send = Some((text.as_str(), Cause::Peer));
+            self.end_stream(conn_id, RecvEnd::Failed(error), send, true);
+            return;
+        }
+        let session_limit = self.config.max_session_recv_buffer;
+        if self.recv_total + len > session_limit {
+            self.close_session(SessionError::RecvBufferLimit {
+                limit: session_limit,
+            });
             return;
         }
         stream.recv.push_back(payload);
         stream.recv_len += len;
+        self.recv_total += len;
         if stream.reader_waiting {
             stream.reader_waiting = false;
             self.events.push_back(Event::Readable(conn_id));
         }
-        if stream.recv_len > self.config.pause_threshold && !stream.we_paused_peer {
+        // Past half the session bound, every stream that gets Data is paused, however little
+        // it holds: the unread ones stay paused, the read ones resume on their next read.
+        let pressure = self.recv_total > session_limit / 2;
+        if (stream.recv_len > self.config.pause_threshold || pressure) && !stream.we_paused_peer {
             stream.we_paused_peer = true;
             self.stats.pauses_sent += 1;
             self.queue_message(conn_id, Body::Pause);
@@ -586,7 +717,7 @@ impl Session {
                     let timeout = self.timers.timeout();
                     self.close_session(SessionError::KeepaliveTimeout(timeout));
                 }
-                Due::Ping => self.control.push_front(Transmit::Ping),
+                Due::Ping => self.queue_ping_pong(false),
                 Due::Sync => self.queue_sync(),
             }
         }
@@ -661,6 +792,7 @@ impl Session {
             }
         }
         stream.recv_len -= copied;
+        self.recv_total -= copied;
         if copied > 0 || buf.is_empty() {
             self.after_read(id);
             return Ok(ReadOutcome::Data(copied));
@@ -681,6 +813,7 @@ impl Session {
                 front.split_to(max)
             };
             stream.recv_len -= chunk.len();
+            self.recv_total -= chunk.len();
             self.after_read(id);
             return Ok(Chunk::Data(chunk));
         }
@@ -798,7 +931,8 @@ impl Session {
         if self.streams.get(&id).is_some_and(|s| !s.protocol_closed()) {
             let error = StreamError::LocallyReset(reason.to_string());
             let send = self.streams[&id].send_end != SendEnd::Closed;
-            self.end_stream(id, RecvEnd::Failed(error), send.then_some(reason), true);
+            let send_error = send.then_some((reason, Cause::Local));
+            self.end_stream(id, RecvEnd::Failed(error), send_error, true);
         }
     }
 
@@ -809,7 +943,7 @@ impl Session {
             return;
         };
         stream.held = false;
-        stream.discard_recv();
+        self.recv_total -= stream.discard_recv();
         self.close(id);
         self.reap(id);
     }
@@ -822,6 +956,10 @@ impl Session {
         }
         self.closed = Some(error.clone());
         self.control.clear();
+        self.control_bytes = 0;
+        self.reply_bytes = 0;
+        self.pong_queued = false;
+        self.ping_queued = false;
         let ids: Vec<i64> = self.streams.keys().copied().collect();
         for id in ids {
             let stream = self.streams.get_mut(&id).expect("listed");
@@ -843,9 +981,19 @@ impl Session {
     /// The next frame to send: Pongs, Pings and control messages first, then Data from the
     /// streams in deficit round-robin turns.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if let Some(transmit) = self.control.pop_front() {
+        if let Some(control) = self.control.pop_front() {
+            let cost = control.cost();
+            self.control_bytes -= cost;
+            if control.reply {
+                self.reply_bytes -= cost;
+            }
+            match control.transmit {
+                Transmit::Ping => self.ping_queued = false,
+                Transmit::Pong => self.pong_queued = false,
+                Transmit::Message(_) => {}
+            }
             self.stats.frames_out += 1;
-            return Some(transmit);
+            return Some(control.transmit);
         }
         if self.closed.is_some() {
             return None;

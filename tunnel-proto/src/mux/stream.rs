@@ -168,10 +168,10 @@ impl Stream {
         self.send_len = 0;
     }
 
-    /// Drops everything received and not yet read.
-    pub(crate) fn discard_recv(&mut self) {
+    /// Drops everything received and not yet read; returns how many bytes that was.
+    pub(crate) fn discard_recv(&mut self) -> usize {
         self.recv.clear();
-        self.recv_len = 0;
+        std::mem::take(&mut self.recv_len)
     }
 
     /// Payload length of the frame that would go next, if this stream may send now.

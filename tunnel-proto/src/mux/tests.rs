@@ -628,6 +628,24 @@ fn check_invariants(session: &Session) {
         );
     }
     assert!(session.streams.len() <= config.max_streams);
+    assert_eq!(
+        session.recv_total,
+        session.streams.values().map(|s| s.recv_len).sum::<usize>(),
+        "session receive total matches its streams"
+    );
+    assert!(session.recv_total <= config.max_session_recv_buffer);
+    assert_eq!(
+        session.control_bytes,
+        session.control.iter().map(Control::cost).sum::<usize>()
+    );
+    let replies: usize = session
+        .control
+        .iter()
+        .filter(|c| c.reply)
+        .map(Control::cost)
+        .sum();
+    assert_eq!(session.reply_bytes, replies);
+    assert!(session.reply_bytes <= config.max_control_queue);
     let ids = session.open_stream_ids();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
 }
@@ -639,7 +657,7 @@ proptest! {
         let mut client = SessionConfig::new(Role::Client);
         client.max_stream_recv_buffer(512 << 10).pause_thresholds(128 << 10, 32 << 10).max_streams(64);
         let mut server = SessionConfig::new(Role::Server);
-        server.max_stream_recv_buffer(512 << 10).max_streams(64);
+        server.max_stream_recv_buffer(512 << 10).max_streams(64).max_session_recv_buffer(1 << 20).max_control_queue(4 << 10);
         let mut pair = Pair::with(client, server);
         let mut in_flight: Vec<(bool, Transmit)> = Vec::new();
         for op in ops {
@@ -702,4 +720,266 @@ proptest! {
             check_invariants(&pair.server);
         }
     }
+}
+
+// === bounds on what a peer can make a session hold ===
+
+fn server_session(config: SessionConfig, authorizer: Authorizer) -> (Session, Instant) {
+    let now = Instant::now();
+    (Session::new(config, authorizer, now), now)
+}
+
+fn junk_data(i: i64) -> Message {
+    Message::new(i, 77, Body::Data(Bytes::from_static(b"x")))
+}
+
+#[test]
+fn junk_data_from_a_peer_that_never_reads_ends_the_session_at_the_control_bound() {
+    let mut config = SessionConfig::new(Role::Server);
+    config.max_control_queue(4 << 10);
+    let (mut session, now) = server_session(config, allow_all());
+    let mut handled = 0;
+    while session.closed().is_none() {
+        handled += 1;
+        session.handle_message(now, junk_data(handled)).unwrap();
+        assert!(session.reply_bytes <= 4 << 10);
+        assert!(handled < 10_000, "bound never reached");
+    }
+    println!(
+        "closed after {handled} junk Data: {}",
+        session.closed().unwrap()
+    );
+    assert_eq!(
+        session.closed(),
+        Some(&SessionError::ControlQueueOverflow { limit: 4 << 10 })
+    );
+    assert_eq!(session.control_backlog(), 0, "queue freed");
+    assert_eq!(session.poll_transmit(), None, "nothing more goes out");
+}
+
+#[test]
+fn refused_connects_from_a_peer_that_never_reads_end_the_session_at_the_control_bound() {
+    let mut config = SessionConfig::new(Role::Client);
+    config.max_control_queue(4 << 10);
+    let (mut session, now) = server_session(config, refuse_all());
+    let mut handled = 0;
+    while session.closed().is_none() {
+        handled += 1;
+        let connect = Message::new(
+            handled,
+            handled + 1,
+            Body::Connect(Target::new("tcp", "x:1")),
+        );
+        assert_eq!(
+            session.handle_message(now, connect),
+            Err(ProtocolError::ConnectNotAllowed {
+                conn_id: handled + 1
+            })
+        );
+        assert!(handled < 10_000, "bound never reached");
+    }
+    assert_eq!(
+        session.closed(),
+        Some(&SessionError::ControlQueueOverflow { limit: 4 << 10 })
+    );
+}
+
+#[test]
+fn a_peer_that_reads_its_replies_never_reaches_the_control_bound() {
+    let mut config = SessionConfig::new(Role::Server);
+    config.max_control_queue(256);
+    let (mut session, now) = server_session(config, refuse_all());
+    for i in 1..=10_000 {
+        session.handle_message(now, junk_data(i)).unwrap();
+        let connect = Message::new(i, i + 1, Body::Connect(Target::new("tcp", "x:1")));
+        let _ = session.handle_message(now, connect);
+        assert_eq!(sent(&mut session).len(), 2);
+    }
+    assert!(session.closed().is_none());
+}
+
+#[test]
+fn frames_this_side_originates_do_not_count_against_the_reply_bound() {
+    let mut config = SessionConfig::new(Role::Server);
+    config.max_control_queue(256).max_streams(1000);
+    let (mut session, now) = server_session(config, allow_all());
+    for _ in 0..1000 {
+        session
+            .open(now, Target::new("tcp", "10.43.0.1:443"))
+            .unwrap();
+    }
+    assert!(
+        session.control_backlog() > 20_000,
+        "a thousand Connects queued"
+    );
+    session.handle_message(now, junk_data(1)).unwrap();
+    assert!(session.closed().is_none());
+    assert_eq!(sent(&mut session).len(), 1001);
+    assert_eq!(session.control_backlog(), 0);
+}
+
+#[test]
+fn pings_and_pongs_coalesce_to_one_each() {
+    let (mut session, now) = server_session(SessionConfig::new(Role::Server), allow_all());
+    for _ in 0..100_000 {
+        session.handle_ping(now);
+    }
+    assert_eq!(session.control_backlog(), PING_COST);
+    assert_eq!(session.poll_transmit(), Some(Transmit::Pong));
+    assert_eq!(session.poll_transmit(), None);
+    session.handle_ping(now);
+    assert_eq!(
+        session.poll_transmit(),
+        Some(Transmit::Pong),
+        "queued again once sent"
+    );
+
+    let mut client = SessionConfig::new(Role::Client);
+    client.keepalive_timeout(Duration::from_secs(3600));
+    let (mut session, now) = server_session(client, allow_all());
+    for s in 1..=60 {
+        session.handle_timeout(now + Duration::from_secs(5 * s));
+    }
+    let pings = std::iter::from_fn(|| session.poll_transmit())
+        .filter(|t| *t == Transmit::Ping)
+        .count();
+    assert_eq!(
+        pings, 1,
+        "a peer that reads nothing for 5 minutes gets one Ping queued"
+    );
+}
+
+#[test]
+fn outbound_backlog_says_when_the_driver_should_stop_reading() {
+    let mut config = SessionConfig::new(Role::Server);
+    config.max_outbound_backlog(1000).max_control_queue(1 << 20);
+    let (mut session, now) = server_session(config, allow_all());
+    let mut i = 0;
+    while !session.outbound_backlogged() {
+        i += 1;
+        session.handle_message(now, junk_data(i)).unwrap();
+    }
+    assert!(session.control_backlog() > 1000);
+    assert!(session.closed().is_none(), "back-pressure, not loss");
+    let replies = sent(&mut session);
+    assert_eq!(replies.len() as i64, i, "every reply kept");
+    assert!(!session.outbound_backlogged());
+}
+
+/// Opens `n` streams from the peer (ids 2, 3, ...) on a client session.
+fn client_with_streams(config: SessionConfig, n: i64) -> (Session, Instant) {
+    let (mut session, now) = server_session(config, allow_all());
+    for id in 2..2 + n {
+        let connect = Message::new(id, id, Body::Connect(Target::new("tcp", "x:1")));
+        session.handle_message(now, connect).unwrap();
+    }
+    (session, now)
+}
+
+#[test]
+fn unread_bytes_across_streams_have_a_session_bound() {
+    let mut config = SessionConfig::new(Role::Client);
+    config
+        .max_stream_recv_buffer(1 << 20)
+        .max_session_recv_buffer(2 << 20);
+    let (mut session, now) = client_with_streams(config, 8);
+    let chunk = Bytes::from(vec![0u8; 64 << 10]);
+    let mut offered = 0;
+    'flood: for round in 0..16 {
+        for id in 2..10 {
+            let data = Message::new(100 + round * 8 + id, id, Body::Data(chunk.clone()));
+            session.handle_message(now, data).unwrap();
+            offered += chunk.len();
+            if session.closed().is_some() {
+                break 'flood;
+            }
+            assert!(session.recv_buffered() <= 2 << 20);
+        }
+    }
+    println!(
+        "offered {offered} bytes; session: {:?}",
+        session.closed().unwrap()
+    );
+    assert_eq!(
+        session.closed(),
+        Some(&SessionError::RecvBufferLimit { limit: 2 << 20 })
+    );
+    assert!(
+        offered <= (2 << 20) + chunk.len(),
+        "ended at the bound, no later"
+    );
+    // What was buffered stays readable, then the tunnel's end shows.
+    let (data, end) = read_all(&mut session, 2);
+    assert!(!data.is_empty());
+    assert!(matches!(
+        end,
+        Err(StreamError::Tunnel(SessionError::RecvBufferLimit { .. }))
+    ));
+}
+
+#[test]
+fn past_half_the_session_bound_every_stream_that_gets_data_is_paused() {
+    let mut config = SessionConfig::new(Role::Client);
+    config
+        .max_session_recv_buffer(1 << 20)
+        .pause_thresholds(1 << 20, 64 << 10);
+    let (mut session, now) = client_with_streams(config, 3);
+    let data = |id: i64, conn_id: i64, len: usize| {
+        Message::new(id, conn_id, Body::Data(Bytes::from(vec![0u8; len])))
+    };
+    session.handle_message(now, data(10, 2, 400 << 10)).unwrap();
+    assert_eq!(sent(&mut session), [], "400 KiB in all: no pressure");
+    session.handle_message(now, data(11, 3, 200 << 10)).unwrap();
+    session.handle_message(now, data(12, 4, 10)).unwrap();
+    let paused: Vec<(i64, Body)> = sent(&mut session)
+        .into_iter()
+        .map(|m| (m.conn_id, m.body))
+        .collect();
+    assert_eq!(
+        paused,
+        [(3, Body::Pause), (4, Body::Pause)],
+        "over half the bound: streams that get Data are paused, however little they hold"
+    );
+    // A stream that is read resumes: it is not the one holding memory.
+    assert_eq!(read_all(&mut session, 4).0.len(), 10);
+    let out = sent(&mut session);
+    assert_eq!((out[0].conn_id, &out[0].body), (4, &Body::Resume));
+    // Reading stream 3 ends the pressure; it resumes and Data pauses no one any more.
+    assert_eq!(read_all(&mut session, 3).0.len(), 200 << 10);
+    let out = sent(&mut session);
+    assert_eq!((out[0].conn_id, &out[0].body), (3, &Body::Resume));
+    session.handle_message(now, data(13, 4, 10)).unwrap();
+    assert_eq!(sent(&mut session), []);
+    assert_eq!(session.recv_buffered(), (400 << 10) + 10);
+    assert!(session.closed().is_none());
+}
+
+#[test]
+fn released_and_reset_streams_give_back_their_share_of_the_session_bound() {
+    let (mut session, now) = client_with_streams(SessionConfig::new(Role::Client), 2);
+    for id in [2, 3] {
+        let data = Message::new(10 + id, id, Body::Data(Bytes::from(vec![1u8; 1000])));
+        session.handle_message(now, data).unwrap();
+    }
+    assert_eq!(session.recv_buffered(), 2000);
+    session.release(2);
+    assert_eq!(session.recv_buffered(), 1000);
+    session.reset(3, "gone");
+    assert_eq!(session.recv_buffered(), 0);
+}
+
+#[test]
+fn a_go_like_peer_within_the_protocol_never_trips_a_bound() {
+    // Defaults on both ends, many streams, data both ways, everything read: no bound is near.
+    let mut pair = Pair::new();
+    let ids: Vec<i64> = (0..50).map(|_| pair.open_from_server()).collect();
+    for &id in &ids {
+        pair.server.write(id, &vec![5u8; 200 << 10]).unwrap();
+    }
+    pair.drive();
+    for &id in &ids {
+        assert_eq!(read_all(&mut pair.client, id).0.len(), 200 << 10);
+    }
+    assert!(pair.client.closed().is_none() && pair.server.closed().is_none());
+    assert_eq!(pair.client.recv_buffered(), 0);
 }

@@ -1,0 +1,166 @@
+//! The registry's cap on sessions per client key: a new session is always taken (a reconnect
+//! must never be refused because of a stale session), and the session it displaces is a
+//! silent one if there is any, else the oldest.
+
+mod support;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tunnel_proto::driver::Tunnel;
+use tunnel_proto::driver::acceptor::ClientKey;
+use tunnel_proto::driver::registry::{Registry, RegistryConfig, RegistryEvent, SessionId};
+use tunnel_proto::mux::{SessionError, refuse_all};
+use tunnel_proto::{Role, SessionConfig};
+
+use support::{allow_tcp, ws_pair_memory};
+
+async fn bounded<F: Future>(fut: F) -> F::Output {
+    timeout(Duration::from_secs(120), fut)
+        .await
+        .expect("test exceeded its bound")
+}
+
+/// One end of a tunnel; `freeze` stops its driver without closing the socket (a blackholed
+/// agent).
+struct Peer {
+    tunnel: Tunnel,
+    freeze: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Peer {
+    fn start<S>(ws: WebSocketStream<S>, role: Role) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let authorizer = match role {
+            Role::Client => allow_tcp(),
+            Role::Server => refuse_all(),
+        };
+        let (tunnel, driver) = Tunnel::new(ws, SessionConfig::new(role), authorizer);
+        let (freeze, frozen) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::pin!(driver);
+            tokio::select! {
+                _ = &mut driver => {}
+                _ = frozen => std::future::pending::<()>().await,
+            }
+        });
+        Self {
+            tunnel,
+            freeze: Some(freeze),
+            task,
+        }
+    }
+}
+
+async fn connect(registry: &Registry, key: &str) -> (Peer, Peer, SessionId) {
+    let (client_ws, server_ws) = ws_pair_memory().await;
+    let agent = Peer::start(client_ws, Role::Client);
+    let server = Peer::start(server_ws, Role::Server);
+    let handle = registry
+        .register(ClientKey::new(key), server.tunnel.clone())
+        .expect("valid key");
+    (agent, server, handle.id())
+}
+
+async fn next_removed(
+    events: &mut broadcast::Receiver<RegistryEvent>,
+) -> (SessionId, SessionError) {
+    loop {
+        let event = timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("a registry event within 5 s")
+            .expect("event channel");
+        if let RegistryEvent::Removed {
+            session_id, reason, ..
+        } = event
+        {
+            return (session_id, reason);
+        }
+    }
+}
+
+fn ids(registry: &Registry, key: &str) -> Vec<SessionId> {
+    registry
+        .sessions(&ClientKey::new(key))
+        .iter()
+        .map(|h| h.id())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_over_the_cap_evicts_the_oldest_and_is_never_refused() {
+    bounded(async {
+        let mut config = RegistryConfig::new();
+        config.set_max_sessions_per_key(3);
+        let registry = Registry::new(config);
+        let mut events = registry.subscribe();
+        let mut peers = Vec::new();
+        for _ in 0..3 {
+            peers.push(connect(&registry, "c-1").await);
+        }
+        let other = connect(&registry, "c-2").await;
+        let first = peers[0].2;
+
+        // The fourth session of c-1 is taken; the oldest of c-1 leaves with a clear reason,
+        // and its tunnel ends (the agent sees its socket close and reconnects).
+        let fourth = connect(&registry, "c-1").await;
+        let (evicted, reason) = next_removed(&mut events).await;
+        println!("evicted session {evicted}: {reason}");
+        assert_eq!(evicted, first);
+        assert_eq!(reason, SessionError::Evicted { limit: 3 });
+        assert_eq!(ids(&registry, "c-1"), [peers[1].2, peers[2].2, fourth.2]);
+        assert_eq!(ids(&registry, "c-2"), [other.2], "other keys untouched");
+        let ended = timeout(Duration::from_secs(5), peers[0].1.tunnel.closed())
+            .await
+            .expect("evicted tunnel ends");
+        println!("evicted tunnel: {ended}");
+        assert_eq!(ended, SessionError::Evicted { limit: 3 });
+        let agent_end = timeout(Duration::from_secs(5), peers[0].0.tunnel.closed())
+            .await
+            .expect("the evicted agent sees its session end");
+        println!("evicted agent: {agent_end}");
+        for (agent, server, _) in peers.into_iter().chain([fourth, other]) {
+            agent.task.abort();
+            server.task.abort();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_session_is_evicted_before_an_older_healthy_one() {
+    bounded(async {
+        let mut config = RegistryConfig::new();
+        config.set_max_sessions_per_key(2);
+        let registry = Registry::new(config);
+        let mut events = registry.subscribe();
+        let healthy = connect(&registry, "c-1").await;
+        let mut silent = connect(&registry, "c-1").await;
+        // The newer agent is blackholed (a NAT forgot its flow); past the max silence its
+        // session is stale, while the older one still hears pings.
+        silent.0.freeze.take().unwrap().send(()).unwrap();
+        sleep(Duration::from_secs(16)).await;
+        assert!(healthy.1.tunnel.is_healthy(Duration::from_secs(15)));
+        assert!(!silent.1.tunnel.is_healthy(Duration::from_secs(15)));
+
+        // The agent reconnects: the stale session goes, not the healthy older one.
+        let reconnect = connect(&registry, "c-1").await;
+        let (evicted, reason) = next_removed(&mut events).await;
+        println!("evicted session {evicted}: {reason}");
+        assert_eq!(evicted, silent.2);
+        assert_eq!(ids(&registry, "c-1"), [healthy.2, reconnect.2]);
+        for (agent, server, _) in [healthy, silent, reconnect] {
+            agent.task.abort();
+            server.task.abort();
+        }
+    })
+    .await;
+}
