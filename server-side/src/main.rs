@@ -120,6 +120,15 @@ struct ServeArgs {
     /// Prometheus on a private network); on the main listener /metrics needs an admin token.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Most connections open at once (tunnels included); more are closed when accepted.
+    #[arg(long, default_value_t = tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Most connections open at once from one address (IPv6: its /64).
+    #[arg(long, default_value_t = tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    max_connections_per_peer: usize,
+    /// Seconds a client may take to send a request's headers (slow clients are cut).
+    #[arg(long, default_value_t = 30.0)]
+    header_read_timeout: f64,
 }
 
 #[derive(Subcommand)]
@@ -236,6 +245,9 @@ fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     };
 
     config.metrics_listen = args.metrics_listen;
+    config.max_connections = args.max_connections;
+    config.max_connections_per_peer = args.max_connections_per_peer;
+    config.header_read_timeout = secs(args.header_read_timeout, "--header-read-timeout")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -72,6 +72,12 @@ pub struct ServeConfig {
     /// A separate address serving `GET /metrics` without authentication (plain HTTP); on the
     /// main listener `/metrics` needs an admin's API token.
     pub metrics_listen: Option<String>,
+    /// Most connections open at once on the listener (tunnels included).
+    pub max_connections: usize,
+    /// Most connections open at once from one address (IPv6: its /64).
+    pub max_connections_per_peer: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -88,6 +94,10 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(10),
             auth_limit: AuthLimitConfig::default(),
             metrics_listen: None,
+            max_connections: tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer:
+                tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            header_read_timeout: tunnel_proto::driver::acceptor::DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -261,6 +271,9 @@ impl Server {
         acceptor_config
             .set_tls(tls)
             .set_shutdown_grace(config.shutdown_grace)
+            .set_max_connections(config.max_connections)
+            .set_max_connections_per_peer(config.max_connections_per_peer)
+            .set_header_read_timeout(config.header_read_timeout)
             .set_websocket_config(Some(websocket_config(DEFAULT_MAX_MESSAGE)));
         let auth_app = app.clone();
         let tunnel_app = app.clone();

@@ -360,3 +360,120 @@ async fn nodes_cannot_shadow_other_clusters_nodes_and_registration_is_bounded() 
     .await
     .expect("test timed out");
 }
+
+/// Connects over TLS from `local` (a loopback address), or says why not: a connection over a
+/// limit is closed at accept, so its TLS handshake fails.
+async fn tls_from(
+    server: &ServerProc,
+    local: std::net::IpAddr,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(local, 0)).unwrap();
+    let tcp = socket.connect(server.addr).await.ok()?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_tls(server.ca_pem().as_bytes()));
+    timeout(Duration::from_secs(10), tls.connect(name, tcp))
+        .await
+        .ok()?
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_bounded_and_cut_by_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    timeout(BOUND, async {
+        let dir = TempDir::new("slowloris");
+        let server = ServerProc::start_with(
+            dir.path(),
+            &["--max-connections", "700", "--max-connections-per-peer", "600", "--header-read-timeout", "12"],
+        );
+        let pid = server.child.id();
+        let rss_idle = rss_kib(pid);
+
+        // 1,000 connections: 900 from 127.0.0.1 (600 fit its per-address limit), 100 from
+        // 127.0.0.2 (all fit: with them the listener holds its 700).
+        let mut held = Vec::new();
+        let mut refused = [0usize; 2];
+        let started = std::time::Instant::now();
+        for (i, (local, count)) in [("127.0.0.1", 900), ("127.0.0.2", 100)].into_iter().enumerate() {
+            for _ in 0..count {
+                match tls_from(&server, local.parse().unwrap()).await {
+                    Some(mut tls) => {
+                        // The first header byte.
+                        tls.write_all(b"G").await.unwrap();
+                        tls.flush().await.unwrap();
+                        held.push(tls);
+                    }
+                    None => refused[i] += 1,
+                }
+            }
+        }
+        let connected_in = started.elapsed();
+        let rss_full = rss_kib(pid);
+        println!(
+            "1000 slow connections in {connected_in:.1?}: {} held, refused {} from 127.0.0.1 (per-address limit 600) and {} from 127.0.0.2 (listener limit 700); server RSS {rss_idle} -> {rss_full} KiB ({} KiB per held connection)",
+            held.len(),
+            refused[0],
+            refused[1],
+            (rss_full.saturating_sub(rss_idle)) / held.len().max(1) as u64
+        );
+        assert_eq!(held.len(), 700);
+        assert_eq!(refused, [300, 0]);
+        // Over the listener limit: one more from a third address is refused too.
+        assert!(tls_from(&server, "127.0.0.3".parse().unwrap()).await.is_none());
+        assert!(rss_full < rss_idle + 128 * 1024, "server RSS {rss_idle} -> {rss_full} KiB");
+
+        // A header byte every 10 s: the 12 s header timeout cuts every one of them.
+        tokio::time::sleep(Duration::from_secs(10).saturating_sub(started.elapsed())).await;
+        let mut still_open = 0;
+        for tls in &mut held {
+            if tls.write_all(b"E").await.is_ok() && tls.flush().await.is_ok() {
+                still_open += 1;
+            }
+        }
+        println!("after 10 s: {still_open} connections took a second header byte");
+        let mut cut_after = Vec::new();
+        for mut tls in held {
+            let mut buf = [0u8; 256];
+            // The server closes (EOF, or an error after a 408 it may send): never data
+            // beyond that.
+            let read = timeout(Duration::from_secs(20), async {
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(read.is_ok(), "a slow connection is still open 20 s after its 10th second");
+            cut_after.push(started.elapsed());
+        }
+        let last = cut_after.iter().max().unwrap();
+        let rss_after = rss_kib(pid);
+        println!("all 700 cut by {last:.1?} after they started (header timeout 12 s); server RSS {rss_after} KiB");
+        assert!(*last >= Duration::from_secs(11), "cut before the header timeout: {last:?}");
+        // Their places are free again.
+        assert!(tls_from(&server, "127.0.0.3".parse().unwrap()).await.is_some());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_bodies_are_bounded() {
+    timeout(BOUND, async {
+        let dir = TempDir::new("body-limit");
+        let server = ServerProc::start(dir.path());
+        let admin = add_user(dir.path(), "root", &["--admin"]);
+        let big = json!({ "name": "x".repeat(2 << 20) });
+        let r = server
+            .client()
+            .api("POST", "/v1/clusters", &admin, Some(big))
+            .await;
+        println!("2 MiB body: {} {:?}", r.status, r.body);
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    })
+    .await
+    .expect("test timed out");
+}

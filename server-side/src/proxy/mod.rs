@@ -405,6 +405,10 @@ where
         audit.upgrade = Some(asked.chars().take(40).collect());
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // An upgraded connection still counts under the listener's connection limits.
+    let slot = req
+        .extensions_mut()
+        .remove::<tunnel_proto::driver::acceptor::ConnectionSlot>();
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     strip_client_credentials(&mut parts.headers);
@@ -522,7 +526,10 @@ where
         for (name, value) in resp.headers() {
             out.headers_mut().append(name, value.clone());
         }
-        tokio::spawn(splice(client_upgrade, upstream_upgrade, audit));
+        tokio::spawn(async move {
+            splice(client_upgrade, upstream_upgrade, audit).await;
+            drop(slot);
+        });
         return out;
     }
 

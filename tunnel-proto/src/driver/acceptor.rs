@@ -65,6 +65,13 @@ pub const DEFAULT_SERVER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default for [`AcceptorConfig::set_shutdown_grace`]: 30 s.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default [`AcceptorConfig::set_max_connections`]: room for tens of thousands of agents.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+/// Default [`AcceptorConfig::set_max_connections_per_peer`]: one address may be a NAT gateway
+/// with a few thousand agents behind it, but not the whole listener.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 5_000;
+/// Default [`AcceptorConfig::set_header_read_timeout`] (hyper's own default).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -255,6 +262,9 @@ pub struct AcceptorConfig {
     shutdown_grace: Duration,
     websocket: WebSocketConfig,
     tls: Option<Arc<rustls::ServerConfig>>,
+    max_connections: usize,
+    max_connections_per_peer: usize,
+    header_read_timeout: Duration,
 }
 
 impl AcceptorConfig {
@@ -272,12 +282,38 @@ impl AcceptorConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             websocket: WebSocketConfig::default(),
             tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 
+    /// Most connections (HTTP requests and tunnels alike) open at once on a listener; one more
+    /// is closed as soon as it is accepted, before any TLS work. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn set_max_connections(&mut self, max: usize) -> &mut Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Most connections open at once from one peer address (IPv6: its /64); one more is closed
+    /// as soon as it is accepted. Default [`DEFAULT_MAX_CONNECTIONS_PER_PEER`].
+    pub fn set_max_connections_per_peer(&mut self, max: usize) -> &mut Self {
+        self.max_connections_per_peer = max;
+        self
+    }
+
+    /// How long a client may take to send a request's headers (from the first byte it is
+    /// waited for): a client that trickles them (slowloris) is cut then. Default
+    /// [`DEFAULT_HEADER_READ_TIMEOUT`].
+    pub fn set_header_read_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
     /// Bound on the TLS handshake and, separately, on completing an accepted upgrade (writing the
-    /// 101 and taking over the socket). Default 5 s. Request headers have hyper's own 30 s
-    /// header-read timeout.
+    /// 101 and taking over the socket). Default 5 s. Request headers have their own bound,
+    /// [`AcceptorConfig::set_header_read_timeout`].
     pub fn set_handshake_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.handshake_timeout = timeout;
         self
@@ -381,6 +417,99 @@ struct Inner {
     authorizer: Box<dyn DynAuthorizer>,
     on_tunnel: Box<TunnelFn>,
     router: Box<RouterFn>,
+    open: std::sync::Mutex<OpenConnections>,
+}
+
+/// Connections open now, in all and per peer (for the connection limits).
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: usize,
+    per_peer: std::collections::HashMap<std::net::IpAddr, usize>,
+    /// Refused since the last warning, and when that was (one warning per 10 s).
+    refused: u64,
+    warned: Option<tokio::time::Instant>,
+}
+
+/// The peer an address counts as for [`AcceptorConfig::set_max_connections_per_peer`]: IPv4
+/// as is, IPv4-mapped IPv6 as IPv4, other IPv6 by its /64 (one host usually holds a whole /64).
+fn peer_of(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => {
+                let s = v6.segments();
+                std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// A connection's place under the connection limits, in the extensions of every request the
+/// router gets. A router that upgrades the connection and keeps serving it after the response
+/// (a proxied `exec`) should hold it until the upgraded connection ends, so that it still
+/// counts.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<Admitted>);
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ConnectionSlot").field(&self.0.peer).finish()
+    }
+}
+
+/// One admitted connection; frees its place when dropped.
+struct Admitted {
+    inner: Arc<Inner>,
+    peer: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) = open.per_peer.entry(self.peer) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Takes a place for a connection from `remote`, or says why there is none.
+    fn admit(self: &Arc<Self>, remote: SocketAddr) -> Result<Admitted, &'static str> {
+        let peer = peer_of(remote.ip());
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let from_peer = open.per_peer.get(&peer).copied().unwrap_or(0);
+        let refusal = if open.total >= self.config.max_connections {
+            Some("the listener's connection limit")
+        } else if from_peer >= self.config.max_connections_per_peer {
+            Some("the per-address connection limit")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            open.refused += 1;
+            let now = tokio::time::Instant::now();
+            if open
+                .warned
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+            {
+                tracing::warn!(%remote, refused = open.refused, total = open.total, from_peer, "connection refused: {why} (logged at most every 10 s)");
+                open.refused = 0;
+                open.warned = Some(now);
+            }
+            return Err(why);
+        }
+        open.total += 1;
+        *open.per_peer.entry(peer).or_default() += 1;
+        Ok(Admitted {
+            inner: self.clone(),
+            peer,
+        })
+    }
 }
 
 /// The tunnel server's HTTP front: authorizer, websocket upgrade, and the application's router
@@ -425,6 +554,7 @@ impl Acceptor {
                 authorizer: Box::new(authorizer),
                 on_tunnel: Box::new(move |t| Box::pin(on_tunnel(t))),
                 router: Box::new(move |r| Box::pin(router(r))),
+                open: std::sync::Mutex::default(),
             }),
         }
     }
@@ -450,8 +580,14 @@ impl Acceptor {
             };
             match accepted {
                 Ok((tcp, remote)) => {
+                    // Over a limit: closed at once, before any TLS or HTTP work.
+                    let Ok(admitted) = self.inner.admit(remote) else {
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let conn = Conn {
+                        admitted: Arc::new(admitted),
                         inner: self.inner.clone(),
                         remote,
                         shutdown: shutdown.clone(),
@@ -487,6 +623,9 @@ impl Acceptor {
 
 /// One accepted TCP connection.
 struct Conn {
+    /// Its place under the connection limits, held for as long as it is served, and after an
+    /// upgrade by the tunnel task or (through [`ConnectionSlot`]) the router's upgrade.
+    admitted: Arc<Admitted>,
     inner: Arc<Inner>,
     remote: SocketAddr,
     shutdown: CancellationToken,
@@ -517,6 +656,7 @@ impl Conn {
         let shutdown = self.shutdown.clone();
         let hard_stop = self.hard_stop.clone();
         let remote = self.remote;
+        let header_read_timeout = self.inner.config.header_read_timeout;
         let this = Arc::new(self);
         let service = hyper::service::service_fn(move |req| {
             let this = this.clone();
@@ -524,6 +664,7 @@ impl Conn {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         tokio::pin!(conn);
@@ -545,6 +686,8 @@ impl Conn {
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
         req.extensions_mut().insert(PeerAddr(self.remote));
+        req.extensions_mut()
+            .insert(ConnectionSlot(self.admitted.clone()));
         let on_mount = self
             .inner
             .config
@@ -605,7 +748,9 @@ impl Conn {
         let shutdown = self.shutdown.clone();
         let hard_stop = self.hard_stop.clone();
         let timeout = inner.config.handshake_timeout;
+        let slot = self.admitted.clone();
         self.tracker.spawn(async move {
+            let _slot = slot;
             let upgraded = match tokio::time::timeout(timeout, on_upgrade).await {
                 Ok(Ok(u)) => u,
                 Ok(Err(error)) => {
