@@ -292,10 +292,9 @@ pub struct CommonConfig {
     pub shutdown_idle: Duration,
     /// Reconnect pacing.
     pub backoff: BackoffConfig,
-    /// Proxies from the environment (Go's rules).
+    /// Proxies from the environment (Go's rules), with their credentials; the tunnels and
+    /// the agent's own HTTP requests both go through them.
     pub proxy: ProxyConfig,
-    /// Basic credentials of those proxies, for the agent's own HTTP requests.
-    pub proxy_auth: crate::http::ProxyAuth,
     /// Log level.
     pub log_level: LogLevel,
 }
@@ -444,7 +443,6 @@ impl CommonConfig {
                 shutdown_idle,
                 backoff,
                 proxy,
-                proxy_auth: crate::http::ProxyAuth::from_strings(strings),
                 log_level,
             }),
             _ => Err(errs),
@@ -640,6 +638,30 @@ mod tests {
         }
         assert!(errs.to_string().contains("socks5"), "{errs}");
         assert_eq!(errs.0.len(), 7, "{errs}");
+    }
+
+    #[test]
+    fn proxy_credentials_come_with_the_proxy() {
+        // Upper case empty counts as unset (Go's getEnvAny); the credentials are percent-decoded
+        // and ride on the proxy URL that the tunnels and the pre-flight both dial through.
+        let e = env(&[
+            (ENV_SERVER, "https://r.example"),
+            (ENV_HTTPS_PROXY, ""),
+            ("https_proxy", "http://us%40er:p%3Ass@proxy:3128"),
+            (ENV_HTTP_PROXY, "proxy:3128"),
+        ]);
+        let c = CommonConfig::from_strings(&e).unwrap();
+        let https = c
+            .proxy
+            .proxy_for(true, "r.example", 443)
+            .expect("https proxy");
+        assert_eq!((https.host(), https.port()), ("proxy", 3128));
+        assert!(https.has_credentials());
+        let http = c
+            .proxy
+            .proxy_for(false, "r.example", 80)
+            .expect("http proxy");
+        assert!(!http.has_credentials());
     }
 
     #[test]
