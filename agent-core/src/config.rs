@@ -150,18 +150,31 @@ impl CommonArgs {
             (ENV_DEBUG, &self.debug),
             (ENV_TRACE, &self.trace),
         ];
-        for (name, value) in pairs {
-            if let Some(v) = value {
-                out.insert(name, v.clone());
-            }
-        }
+        put_all(out, pairs);
+    }
+
+    /// These flags plus an agent's own (`(variable, flag)` pairs) as variable-keyed strings: what
+    /// an agent's `Args::to_strings` returns.
+    pub fn strings_with<const N: usize>(
+        &self,
+        agent: [(&'static str, &Option<String>); N],
+    ) -> HashMap<&'static str, String> {
+        let mut out = HashMap::new();
+        self.to_strings(&mut out);
+        put_all(&mut out, agent);
+        out
     }
 }
 
-/// Inserts `value` under `name` when set; for the agent-specific flags.
-pub fn put(out: &mut HashMap<&'static str, String>, name: &'static str, value: &Option<String>) {
-    if let Some(v) = value {
-        out.insert(name, v.clone());
+/// Inserts each value that is set under its variable's name.
+fn put_all<'a>(
+    out: &mut HashMap<&'static str, String>,
+    pairs: impl IntoIterator<Item = (&'static str, &'a Option<String>)>,
+) {
+    for (name, value) in pairs {
+        if let Some(v) = value {
+            out.insert(name, v.clone());
+        }
     }
 }
 
@@ -638,6 +651,21 @@ mod tests {
         }
         assert!(errs.to_string().contains("socks5"), "{errs}");
         assert_eq!(errs.0.len(), 7, "{errs}");
+    }
+
+    #[test]
+    fn agent_flags_join_the_common_ones() {
+        let common = CommonArgs {
+            server: Some("https://r.example".to_owned()),
+            no_proxy: Some(".svc".to_owned()),
+            ..CommonArgs::default()
+        };
+        let (set, unset) = (Some("node-1".to_owned()), None);
+        let strings = common.strings_with([("CATTLE_NODE_NAME", &set), ("CATTLE_ROLE", &unset)]);
+        assert_eq!(strings.len(), 3, "{strings:?}");
+        assert_eq!(strings[ENV_SERVER], "https://r.example");
+        assert_eq!(strings[ENV_NO_PROXY], ".svc");
+        assert_eq!(strings["CATTLE_NODE_NAME"], "node-1");
     }
 
     #[test]
