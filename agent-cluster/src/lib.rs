@@ -39,10 +39,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_core::allow::AllowList;
-use agent_core::config::{CommonArgs, put};
+use agent_core::config::CommonArgs;
 use agent_core::env::{ConfigError, ConfigErrors, Strings, parse_bool, parse_duration};
 use agent_core::runtime::{
-    ConnectorFactory, OnConnect, Runtime, connector_config, main_headers, main_tunnel,
+    ConnectorFactory, OnConnect, Runtime, connector_config, log_connecting, main_headers,
+    main_tunnel,
 };
 use agent_core::{CommonConfig, Credentials, CredentialsPrecedence};
 use tunnel_proto::driver::Tunnel;
@@ -143,19 +144,18 @@ pub struct Args {
 impl Args {
     /// The parsed flags as variable-keyed strings.
     pub fn to_strings(&self) -> HashMap<&'static str, String> {
-        let mut out = HashMap::new();
-        self.common.to_strings(&mut out);
-        put(&mut out, ENV_SERVICE_HOST, &self.kube_service_host);
-        put(&mut out, ENV_SERVICE_PORT, &self.kube_service_port);
-        put(&mut out, ENV_SA_TOKEN_FILE, &self.sa_token_file);
-        put(&mut out, ENV_SA_CA_FILE, &self.sa_ca_file);
-        put(&mut out, ENV_KUBECONFIG, &self.kubeconfig);
-        put(&mut out, ENV_NAMESPACE, &self.namespace);
-        put(&mut out, ENV_STEVE_TUNNEL, &self.steve_tunnel);
-        put(&mut out, ENV_WRITE_STV_SECRET, &self.write_stv_secret);
-        put(&mut out, ENV_SA_TOKEN_WAIT, &self.sa_token_wait);
-        put(&mut out, ENV_SA_TOKEN_RECHECK, &self.sa_token_recheck);
-        out
+        self.common.strings_with([
+            (ENV_SERVICE_HOST, &self.kube_service_host),
+            (ENV_SERVICE_PORT, &self.kube_service_port),
+            (ENV_SA_TOKEN_FILE, &self.sa_token_file),
+            (ENV_SA_CA_FILE, &self.sa_ca_file),
+            (ENV_KUBECONFIG, &self.kubeconfig),
+            (ENV_NAMESPACE, &self.namespace),
+            (ENV_STEVE_TUNNEL, &self.steve_tunnel),
+            (ENV_WRITE_STV_SECRET, &self.write_stv_secret),
+            (ENV_SA_TOKEN_WAIT, &self.sa_token_wait),
+            (ENV_SA_TOKEN_RECHECK, &self.sa_token_recheck),
+        ])
     }
 }
 
@@ -241,23 +241,12 @@ impl ClusterConfig {
 /// Runs the agent until SIGTERM/SIGINT and the drain are over. Errors are start-up failures.
 pub async fn run(config: ClusterConfig) -> Result<(), String> {
     let common = &config.common;
-    let rt = Runtime::new(common.shutdown_grace);
-    let health = rt
-        .serve_health(common.health_addr)
+    let Some((rt, preflight)) = Runtime::start(common, &config.credentials.server)
         .await
-        .map_err(|e| format!("health endpoint on {}: {e}", common.health_addr))?;
-    tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
-
-    let Some(preflight) = rt
-        .unless_signalled(agent_core::preflight::run(
-            common,
-            &config.credentials.server,
-        ))
-        .await
+        .map_err(|e| e.to_string())?
     else {
         return Ok(());
     };
-    let preflight = preflight.map_err(|e| e.to_string())?;
     let client = config
         .kube
         .client(&config.namespace)
@@ -275,14 +264,16 @@ pub async fn run(config: ClusterConfig) -> Result<(), String> {
     else {
         return Ok(());
     };
-    let token = &config.credentials.token;
-    let half: String = token.chars().take(token.chars().count() / 2).collect();
-    tracing::info!(
-        url = %config.credentials.server.tunnel_url(common.register()),
-        api = %config.kube.address(),
-        sa_token = %reported.source(),
-        "Connecting with token starting with {half}"
+    log_connecting(
+        common,
+        &config.credentials,
+        format_args!(
+            "api={} sa_token={}",
+            config.kube.address(),
+            reported.source()
+        ),
     );
+    let token = &config.credentials.token;
 
     // The main tunnel's headers live in a SharedHeaders the connector reads on every dial, so
     // a new token reaches the server with the next handshake (see the crate docs).

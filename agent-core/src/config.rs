@@ -150,18 +150,31 @@ impl CommonArgs {
             (ENV_DEBUG, &self.debug),
             (ENV_TRACE, &self.trace),
         ];
-        for (name, value) in pairs {
-            if let Some(v) = value {
-                out.insert(name, v.clone());
-            }
-        }
+        put_all(out, pairs);
+    }
+
+    /// These flags plus an agent's own (`(variable, flag)` pairs) as variable-keyed strings: what
+    /// an agent's `Args::to_strings` returns.
+    pub fn strings_with<const N: usize>(
+        &self,
+        agent: [(&'static str, &Option<String>); N],
+    ) -> HashMap<&'static str, String> {
+        let mut out = HashMap::new();
+        self.to_strings(&mut out);
+        put_all(&mut out, agent);
+        out
     }
 }
 
-/// Inserts `value` under `name` when set; for the agent-specific flags.
-pub fn put(out: &mut HashMap<&'static str, String>, name: &'static str, value: &Option<String>) {
-    if let Some(v) = value {
-        out.insert(name, v.clone());
+/// Inserts each value that is set under its variable's name.
+fn put_all<'a>(
+    out: &mut HashMap<&'static str, String>,
+    pairs: impl IntoIterator<Item = (&'static str, &'a Option<String>)>,
+) {
+    for (name, value) in pairs {
+        if let Some(v) = value {
+            out.insert(name, v.clone());
+        }
     }
 }
 
@@ -292,10 +305,9 @@ pub struct CommonConfig {
     pub shutdown_idle: Duration,
     /// Reconnect pacing.
     pub backoff: BackoffConfig,
-    /// Proxies from the environment (Go's rules).
+    /// Proxies from the environment (Go's rules), with their credentials; the tunnels and
+    /// the agent's own HTTP requests both go through them.
     pub proxy: ProxyConfig,
-    /// Basic credentials of those proxies, for the agent's own HTTP requests.
-    pub proxy_auth: crate::http::ProxyAuth,
     /// Log level.
     pub log_level: LogLevel,
 }
@@ -444,7 +456,6 @@ impl CommonConfig {
                 shutdown_idle,
                 backoff,
                 proxy,
-                proxy_auth: crate::http::ProxyAuth::from_strings(strings),
                 log_level,
             }),
             _ => Err(errs),
@@ -640,6 +651,45 @@ mod tests {
         }
         assert!(errs.to_string().contains("socks5"), "{errs}");
         assert_eq!(errs.0.len(), 7, "{errs}");
+    }
+
+    #[test]
+    fn agent_flags_join_the_common_ones() {
+        let common = CommonArgs {
+            server: Some("https://r.example".to_owned()),
+            no_proxy: Some(".svc".to_owned()),
+            ..CommonArgs::default()
+        };
+        let (set, unset) = (Some("node-1".to_owned()), None);
+        let strings = common.strings_with([("CATTLE_NODE_NAME", &set), ("CATTLE_ROLE", &unset)]);
+        assert_eq!(strings.len(), 3, "{strings:?}");
+        assert_eq!(strings[ENV_SERVER], "https://r.example");
+        assert_eq!(strings[ENV_NO_PROXY], ".svc");
+        assert_eq!(strings["CATTLE_NODE_NAME"], "node-1");
+    }
+
+    #[test]
+    fn proxy_credentials_come_with_the_proxy() {
+        // Upper case empty counts as unset (Go's getEnvAny); the credentials are percent-decoded
+        // and ride on the proxy URL that the tunnels and the pre-flight both dial through.
+        let e = env(&[
+            (ENV_SERVER, "https://r.example"),
+            (ENV_HTTPS_PROXY, ""),
+            ("https_proxy", "http://us%40er:p%3Ass@proxy:3128"),
+            (ENV_HTTP_PROXY, "proxy:3128"),
+        ]);
+        let c = CommonConfig::from_strings(&e).unwrap();
+        let https = c
+            .proxy
+            .proxy_for(true, "r.example", 443)
+            .expect("https proxy");
+        assert_eq!((https.host(), https.port()), ("proxy", 3128));
+        assert!(https.has_credentials());
+        let http = c
+            .proxy
+            .proxy_for(false, "r.example", 80)
+            .expect("http proxy");
+        assert!(!http.has_credentials());
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! an overall timeout; response bodies are bounded. That is all the agents need, and it keeps
 //! reqwest and its dependency tree out.
 //!
-//! tunnel-proto's connector does the same TCP/proxy/TLS dance for the websocket, but its TLS
-//! configuration builder and its `CONNECT` code are private to it, so they are repeated here in
-//! small form.
+//! The TCP leg (proxy choice, `CONNECT`, proxy credentials) is tunnel-proto's
+//! [`dial_tcp`], and the TLS configuration its [`client_config`], the very code the tunnel's
+//! connector runs: a pre-flight request and the tunnel behind it trust the same certificates
+//! and take the same way through the same proxy.
 
 use std::io;
 use std::path::Path;
@@ -21,50 +22,19 @@ use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tunnel_proto::driver::connector::ProxyConfig;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tunnel_proto::driver::connector::{
+    ConnectError, DEFAULT_MAX_ERROR_BODY, ProxyConfig, TlsConfigError, Trust, client_config,
+    dial_tcp,
+};
 
 /// Default bound on a response body.
 pub const DEFAULT_MAX_BODY: usize = 4 << 20;
-
-/// Which certificates an `https` request believes.
-#[derive(Clone)]
-pub enum TlsTrust {
-    /// Anything (`curl --insecure`, as `run.sh` fetches `/ping` and `/v3/settings/cacerts`).
-    Insecure,
-    /// The platform store.
-    SystemRoots,
-    /// The certificates of a PEM bundle, optionally plus the platform store.
-    Pem {
-        /// One or more `CERTIFICATE` blocks.
-        pem: Vec<u8>,
-        /// Also trust the platform store.
-        with_system_roots: bool,
-    },
-}
-
-impl std::fmt::Debug for TlsTrust {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Insecure => f.write_str("Insecure"),
-            Self::SystemRoots => f.write_str("SystemRoots"),
-            Self::Pem {
-                pem,
-                with_system_roots,
-            } => f
-                .debug_struct("Pem")
-                .field("pem_len", &pem.len())
-                .field("with_system_roots", with_system_roots)
-                .finish(),
-        }
-    }
-}
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +45,8 @@ pub enum HttpError {
     Url(String),
     /// The trust settings cannot be turned into a TLS configuration.
     #[error("TLS configuration: {0}")]
-    TlsConfig(String),
-    /// TCP connect (or name resolution) failed.
+    TlsConfig(#[source] TlsConfigError),
+    /// Connecting to the Unix socket failed.
     #[error("connecting to {addr}: {source}")]
     Connect {
         /// What was dialed.
@@ -85,14 +55,10 @@ pub enum HttpError {
         #[source]
         source: io::Error,
     },
-    /// The proxy refused or broke the `CONNECT`.
-    #[error("proxy {proxy}: {reason}")]
-    Proxy {
-        /// The proxy, without credentials.
-        proxy: String,
-        /// What went wrong.
-        reason: String,
-    },
+    /// The TCP leg failed: the server or the proxy unreachable, or the proxy refused or broke
+    /// the `CONNECT` (tunnel-proto's [`dial_tcp`] error, which says which).
+    #[error(transparent)]
+    Dial(ConnectError),
     /// The server's certificate was not accepted (Go's `x509:` errors): unknown authority,
     /// expired, wrong name.
     #[error("TLS certificate of {server} not trusted: {reason}")]
@@ -126,69 +92,6 @@ impl HttpError {
     }
 }
 
-/// `Basic` credentials for the proxies, which tunnel-proto's `ProxyUrl` keeps private.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct ProxyAuth {
-    /// `Proxy-Authorization` value for the `http://` proxy.
-    pub http: Option<String>,
-    /// `Proxy-Authorization` value for the `https://` proxy.
-    pub https: Option<String>,
-}
-
-impl std::fmt::Debug for ProxyAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyAuth")
-            .field("http", &self.http.is_some())
-            .field("https", &self.https.is_some())
-            .finish()
-    }
-}
-
-impl ProxyAuth {
-    /// Reads the user information of `HTTP_PROXY`/`HTTPS_PROXY` (upper case first, then lower
-    /// case, empty = unset, as Go) and makes `Basic` header values of it.
-    pub fn from_strings(strings: &impl crate::env::Strings) -> Self {
-        let any = |upper: &str| {
-            strings
-                .get_nonempty(upper)
-                .or_else(|| strings.get_nonempty(&upper.to_ascii_lowercase()))
-        };
-        Self {
-            http: any(crate::env::ENV_HTTP_PROXY).and_then(|v| basic_auth_of(&v)),
-            https: any(crate::env::ENV_HTTPS_PROXY).and_then(|v| basic_auth_of(&v)),
-        }
-    }
-}
-
-fn basic_auth_of(raw: &str) -> Option<String> {
-    let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let creds = format!("{}:{}", percent_decode(user)?, percent_decode(pass)?);
-    Some(format!(
-        "Basic {}",
-        data_encoding::BASE64.encode(creds.as_bytes())
-    ))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 // === HttpClient ===
 
 /// Sends one request per connection over TCP/TLS, through a proxy when the rules say so.
@@ -196,7 +99,6 @@ fn percent_decode(s: &str) -> Option<String> {
 pub struct HttpClient {
     tls: Arc<ClientConfig>,
     proxy: ProxyConfig,
-    proxy_auth: ProxyAuth,
     timeout: Duration,
     max_body: usize,
 }
@@ -211,17 +113,12 @@ impl std::fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    /// A client trusting `trust`, with each request bounded by `timeout`.
-    pub fn new(
-        trust: &TlsTrust,
-        proxy: ProxyConfig,
-        proxy_auth: ProxyAuth,
-        timeout: Duration,
-    ) -> Result<Self, HttpError> {
+    /// A client trusting `trust`, going through `proxy` (credentials from its URLs), with each
+    /// request bounded by `timeout`.
+    pub fn new(trust: &Trust, proxy: ProxyConfig, timeout: Duration) -> Result<Self, HttpError> {
         Ok(Self {
-            tls: client_config(trust)?,
+            tls: client_config(trust).map_err(HttpError::TlsConfig)?,
             proxy,
-            proxy_auth,
             timeout,
             max_body: DEFAULT_MAX_BODY,
         })
@@ -229,7 +126,8 @@ impl HttpClient {
 
     /// Sends `req` (absolute URI) and reads the whole response, within the timeout.
     pub async fn send(&self, req: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        match tokio::time::timeout(self.timeout, self.send_inner(req)).await {
+        let deadline = Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, self.send_inner(req, deadline)).await {
             Ok(r) => r,
             Err(_) => Err(HttpError::Timeout(self.timeout)),
         }
@@ -243,30 +141,24 @@ impl HttpClient {
         self.send(req).await
     }
 
-    async fn send_inner(&self, mut req: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+    async fn send_inner(
+        &self,
+        mut req: Request<Bytes>,
+        deadline: Instant,
+    ) -> Result<Response<Bytes>, HttpError> {
         let uri = req.uri().clone();
         let (tls, host, port) = split_uri(&uri)?;
         let addr = join_host_port(&host, port);
-        let tcp = match self.proxy.proxy_for(tls, &host, port) {
-            Some(proxy) => {
-                let auth = if tls {
-                    &self.proxy_auth.https
-                } else {
-                    &self.proxy_auth.http
-                };
-                let proxy_addr = proxy.authority();
-                let mut tcp = dial(&proxy_addr).await.map_err(|e| match e {
-                    HttpError::Connect { source, .. } => HttpError::Proxy {
-                        proxy: proxy.to_string(),
-                        reason: source.to_string(),
-                    },
-                    other => other,
-                })?;
-                connect_tunnel(&mut tcp, &proxy.to_string(), &addr, auth.as_deref()).await?;
-                tcp
-            }
-            None => dial(&addr).await?,
-        };
+        let tcp = dial_tcp(
+            &self.proxy,
+            tls,
+            &host,
+            port,
+            DEFAULT_MAX_ERROR_BODY,
+            deadline,
+        )
+        .await
+        .map_err(HttpError::Dial)?;
         // Origin-form request target on the wire; Host from the URL.
         let path = uri
             .path_and_query()
@@ -387,59 +279,6 @@ fn join_host_port(host: &str, port: u16) -> String {
     format!("{}:{port}", bracket(host))
 }
 
-async fn dial(addr: &str) -> Result<TcpStream, HttpError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| HttpError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
-    let _ = tcp.set_nodelay(true);
-    Ok(tcp)
-}
-
-/// HTTP `CONNECT` on an open connection to the proxy. The 200 reply's head is read byte by
-/// byte so nothing after it (the server's TLS bytes) is swallowed.
-async fn connect_tunnel(
-    io: &mut TcpStream,
-    proxy: &str,
-    target: &str,
-    auth: Option<&str>,
-) -> Result<(), HttpError> {
-    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-    if let Some(auth) = auth {
-        req.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
-    }
-    req.push_str("\r\n");
-    let fail = |reason: String| HttpError::Proxy {
-        proxy: proxy.to_owned(),
-        reason,
-    };
-    io.write_all(req.as_bytes())
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 16 << 10 {
-            return Err(fail("CONNECT response head too large".to_owned()));
-        }
-        let b = io.read_u8().await.map_err(|e| fail(e.to_string()))?;
-        head.push(b);
-    }
-    let text = String::from_utf8_lossy(&head);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| fail(format!("not an HTTP answer to CONNECT: {text:?}")))?;
-    if status != 200 {
-        return Err(fail(format!(
-            "refused CONNECT to {target} with HTTP {status}"
-        )));
-    }
-    Ok(())
-}
-
 fn tls_error(server: &str, err: io::Error) -> HttpError {
     let rustls_err = err
         .get_ref()
@@ -458,67 +297,6 @@ fn tls_error(server: &str, err: io::Error) -> HttpError {
     }
 }
 
-// === TLS configuration ===
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Builds a rustls client configuration for `trust` (ring, TLS 1.2 and 1.3, ALPN http/1.1).
-pub fn client_config(trust: &TlsTrust) -> Result<Arc<ClientConfig>, HttpError> {
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::TlsConfig(e.to_string()))?;
-    let mut config = match trust {
-        TlsTrust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification { provider }))
-            .with_no_client_auth(),
-        TlsTrust::SystemRoots => {
-            let mut roots = RootCertStore::empty();
-            add_system_roots(&mut roots)?;
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        TlsTrust::Pem {
-            pem,
-            with_system_roots,
-        } => {
-            let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| HttpError::TlsConfig(format!("CA PEM: {e}")))?;
-            if certs.is_empty() {
-                return Err(HttpError::TlsConfig(
-                    "CA PEM holds no CERTIFICATE block".to_owned(),
-                ));
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| HttpError::TlsConfig(format!("CA certificate: {e}")))?;
-            }
-            if *with_system_roots {
-                add_system_roots(&mut roots)?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-fn add_system_roots(roots: &mut RootCertStore) -> Result<(), HttpError> {
-    let loaded = rustls_native_certs::load_native_certs();
-    let (added, _) = roots.add_parsable_certificates(loaded.certs);
-    if added == 0 {
-        return Err(HttpError::TlsConfig(
-            "no usable certificate in the system trust store".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
 /// Whether `pem` holds at least one certificate that parses.
 pub fn pem_has_certificate(pem: &[u8]) -> bool {
     CertificateDer::pem_slice_iter(pem)
@@ -526,77 +304,30 @@ pub fn pem_has_certificate(pem: &[u8]) -> bool {
         .is_some_and(|c| c.is_ok())
 }
 
-/// Accepts any certificate (but still checks the handshake signature with its key).
-#[derive(Debug)]
-struct NoVerification {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn proxy_basic_auth_from_env() {
-        let env: std::collections::HashMap<&str, &str> = [
-            ("HTTPS_PROXY", ""),
-            ("https_proxy", "http://us%40er:p%3Ass@proxy:3128"),
-            ("HTTP_PROXY", "proxy:3128"),
-        ]
-        .into_iter()
-        .collect();
-        let auth = ProxyAuth::from_strings(&env);
-        assert_eq!(
-            auth.https.as_deref(),
-            Some(format!("Basic {}", data_encoding::BASE64.encode(b"us@er:p:ss")).as_str())
+    fn pem_detection() {
+        assert!(!pem_has_certificate(b""));
+        assert!(!pem_has_certificate(b"not a pem"));
+        assert!(pem_has_certificate(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        ));
+    }
+
+    #[test]
+    fn a_bad_ca_is_a_config_error() {
+        let trust = Trust::CaBundle {
+            pem: b"no certificate here".to_vec(),
+            with_system_roots: false,
+        };
+        let err = HttpClient::new(&trust, ProxyConfig::none(), Duration::from_secs(1))
+            .expect_err("no CA");
+        assert!(
+            matches!(err, HttpError::TlsConfig(TlsConfigError::InvalidCa(_))),
+            "{err:?}"
         );
-        assert_eq!(auth.http, None);
     }
 }

@@ -22,10 +22,10 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use tunnel_proto::driver::connector::{Trust, ca_checksum};
+use tunnel_proto::driver::connector::{Trust, ca_checksum, client_config};
 
 use crate::config::{CommonConfig, ServerUrl};
-use crate::http::{HttpClient, HttpError, TlsTrust, pem_has_certificate};
+use crate::http::{HttpClient, HttpError, pem_has_certificate};
 
 /// Bound on each pre-flight request (Rancher's agent uses 5 s).
 pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,7 +147,7 @@ pub async fn run(
     common: &CommonConfig,
     tunnel_server: &ServerUrl,
 ) -> Result<Preflight, PreflightError> {
-    let insecure = client(common, &TlsTrust::Insecure)?;
+    let insecure = client(common, &Trust::InsecureSkipVerify)?;
     let root = common.server.root();
 
     // 1. /ping must answer 2xx, redirects followed.
@@ -180,7 +180,7 @@ pub async fn run(
     if let Some(pem) = &ca_pem {
         let pinned = client(
             common,
-            &TlsTrust::Pem {
+            &Trust::CaBundle {
                 pem: pem.as_bytes().to_vec(),
                 with_system_roots: false,
             },
@@ -212,7 +212,7 @@ pub async fn run(
         return Err(PreflightError::StrictWithoutCa);
     }
 
-    match client(common, &TlsTrust::SystemRoots) {
+    match client(common, &Trust::SystemRoots) {
         Ok(system) => match system.get(&tunnel_https(tunnel_server)).await {
             Ok(_) => tracing::info!(url = %tunnel_root, "the system store verifies the server"),
             Err(source) if source.is_certificate_error() => {
@@ -236,7 +236,7 @@ pub async fn run(
         Some(pem) => Trust::PinnedCa {
             checksum: ca_checksum(pem),
             ca_pem: pem.clone(),
-            with_system_roots: crate::http::client_config(&TlsTrust::SystemRoots).is_ok(),
+            with_system_roots: client_config(&Trust::SystemRoots).is_ok(),
         },
         None => Trust::SystemRoots,
     };
@@ -251,14 +251,8 @@ fn tunnel_https(server: &ServerUrl) -> String {
     format!("https://{}/", server.authority())
 }
 
-fn client(common: &CommonConfig, trust: &TlsTrust) -> Result<HttpClient, PreflightError> {
-    HttpClient::new(
-        trust,
-        common.proxy.clone(),
-        common.proxy_auth.clone(),
-        PREFLIGHT_TIMEOUT,
-    )
-    .map_err(PreflightError::Client)
+fn client(common: &CommonConfig, trust: &Trust) -> Result<HttpClient, PreflightError> {
+    HttpClient::new(trust, common.proxy.clone(), PREFLIGHT_TIMEOUT).map_err(PreflightError::Client)
 }
 
 /// GETs `url`, following redirects; returns the final status.

@@ -1,6 +1,7 @@
 //! The running agent: tunnels on connect loops, the streams they serve, and the shutdown.
 //!
 //! ```text
+//!  Runtime::start: signal handlers ─▶ health endpoint ─▶ pre-flight (a signal: exit 0)
 //!  Runtime ─ spawn_tunnel(spec) ─▶ loop: build Connector for spec.url()
 //!                                        run_forever(connector) ── each websocket ──▶ session:
 //!                                          Tunnel::spawn(ws, client config, allow-list authorizer)
@@ -49,10 +50,11 @@ use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Stream, Tunnel, websocket_config
 use tunnel_proto::{Role, SessionConfig};
 
 use crate::allow::{AllowList, authorizer};
-use crate::config::{CommonConfig, Credentials};
+use crate::config::{CommonConfig, Credentials, ServerUrl};
 use crate::env::ConfigError;
 use crate::metrics::{Metrics, TunnelMetrics};
 use crate::params::{PARAMS_HEADER, TOKEN_HEADER, encode_params};
+use crate::preflight::{self, Preflight, PreflightError};
 use crate::splice::{SpliceEnd, splice_draining};
 
 /// A boxed, sendable unit future.
@@ -197,6 +199,33 @@ impl Runtime {
         }
     }
 
+    /// The start-up both agents share, in this order: the SIGTERM/SIGINT handlers (so a signal
+    /// at any later point is seen), the health and metrics endpoint on `common.health_addr`
+    /// (its bound address logged as `listening on http://…`, which tests and operators read),
+    /// then the pre-flight against `server` ([`crate::preflight::run`]).
+    ///
+    /// `Ok(None)`: a signal came during the pre-flight, and the agent should exit cleanly.
+    /// After `Ok(Some(..))` the agent spawns its tunnels and calls
+    /// [`run_until_signal`](Self::run_until_signal).
+    pub async fn start(
+        common: &CommonConfig,
+        server: &ServerUrl,
+    ) -> Result<Option<(Self, Preflight)>, StartError> {
+        let rt = Self::new(common.shutdown_grace);
+        let health = rt
+            .serve_health(common.health_addr)
+            .await
+            .map_err(|source| StartError::Health {
+                addr: common.health_addr,
+                source,
+            })?;
+        tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
+        match rt.unless_signalled(preflight::run(common, server)).await {
+            None => Ok(None),
+            Some(preflight) => Ok(Some((rt, preflight?))),
+        }
+    }
+
     /// Runs `fut` (a start-up step) unless SIGTERM/SIGINT comes first; then `None`.
     pub async fn unless_signalled<F: Future>(&self, fut: F) -> Option<F::Output> {
         tokio::select! {
@@ -264,6 +293,41 @@ impl Runtime {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Why an agent could not start ([`Runtime::start`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The health and metrics endpoint could not listen.
+    #[error("health endpoint on {addr}: {source}")]
+    Health {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pre-flight refused to let the agent start.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+}
+
+/// Logs the line Rancher's agents log before the first dial, `Connecting with token starting
+/// with <the first half of the token>`, with the URL the main tunnel dials and `reports`:
+/// what this agent tells the server about itself (its node, its cluster's API).
+pub fn log_connecting(
+    common: &CommonConfig,
+    credentials: &Credentials,
+    reports: impl std::fmt::Display,
+) {
+    let token = &credentials.token;
+    let half: String = token.chars().take(token.chars().count() / 2).collect();
+    tracing::info!(
+        url = %credentials.server.tunnel_url(common.register()),
+        %reports,
+        "Connecting with token starting with {half}"
+    );
 }
 
 struct LoopCtx {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use agent_core::CommonConfig;
 use agent_core::preflight::{self, PreflightError};
 use support::*;
+use test_support::{Tinyproxy, free_port};
 use tunnel_proto::driver::connector::{ProxyUrl, Trust};
 
 fn config(server: &TestServer, extra: &[(&'static str, String)]) -> CommonConfig {

@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_core::config::{CommonArgs, put};
+use agent_core::config::CommonArgs;
 use agent_core::env::{ConfigError, ConfigErrors, Strings};
 use agent_core::{CommonConfig, Credentials, CredentialsPrecedence};
 use serde_json::{Value, json};
@@ -92,16 +92,15 @@ pub struct Args {
 impl Args {
     /// The parsed flags as variable-keyed strings.
     pub fn to_strings(&self) -> HashMap<&'static str, String> {
-        let mut out = HashMap::new();
-        self.common.to_strings(&mut out);
-        put(&mut out, ENV_NODE_NAME, &self.node_name);
-        put(&mut out, ENV_ADDRESS, &self.address);
-        put(&mut out, ENV_INTERNAL_ADDRESS, &self.internal_address);
-        put(&mut out, ENV_ROLE, &self.role);
-        put(&mut out, ENV_NODE_LABEL, &self.node_label);
-        put(&mut out, ENV_NODE_TAINTS, &self.node_taints);
-        put(&mut out, ENV_DOCKER_SOCKET, &self.docker_socket);
-        out
+        self.common.strings_with([
+            (ENV_NODE_NAME, &self.node_name),
+            (ENV_ADDRESS, &self.address),
+            (ENV_INTERNAL_ADDRESS, &self.internal_address),
+            (ENV_ROLE, &self.role),
+            (ENV_NODE_LABEL, &self.node_label),
+            (ENV_NODE_TAINTS, &self.node_taints),
+            (ENV_DOCKER_SOCKET, &self.docker_socket),
+        ])
     }
 }
 
@@ -240,14 +239,9 @@ impl NodeConfig {
     /// Parses and checks every setting, reporting all problems at once.
     pub fn from_strings(strings: &impl Strings, host: &impl Host) -> Result<Self, ConfigErrors> {
         let mut errs = ConfigErrors::default();
-        let loaded = agent_core::config::load(strings, CredentialsPrecedence::EnvFirst);
-        let (common, credentials) = match loaded {
-            Ok(v) => (Some(v.0), Some(v.1)),
-            Err(e) => {
-                errs.extend(e);
-                (None, None)
-            }
-        };
+        let loaded = agent_core::config::load(strings, CredentialsPrecedence::EnvFirst)
+            .map_err(|e| errs.extend(e))
+            .ok();
 
         let name = strings
             .get_nonempty(ENV_NODE_NAME)
@@ -299,8 +293,7 @@ impl NodeConfig {
             ));
         }
         match (
-            common,
-            credentials,
+            loaded,
             name,
             address,
             internal_address,
@@ -309,8 +302,7 @@ impl NodeConfig {
             taints,
         ) {
             (
-                Some(common),
-                Some(credentials),
+                Some((common, credentials)),
                 Some(name),
                 Some(address),
                 Some(internal_address),
@@ -465,34 +457,21 @@ pub async fn docker_info(socket: &std::path::Path) -> Option<Value> {
 /// (pre-flight, health endpoint); the caller exits non-zero with them.
 pub async fn run(config: NodeConfig) -> Result<(), String> {
     use agent_core::allow::AllowList;
-    use agent_core::runtime::{Runtime, main_tunnel};
+    use agent_core::runtime::{Runtime, log_connecting, main_tunnel};
 
     let common = &config.common;
-    let rt = Runtime::new(common.shutdown_grace);
-    let health = rt
-        .serve_health(common.health_addr)
+    let Some((rt, preflight)) = Runtime::start(common, &config.credentials.server)
         .await
-        .map_err(|e| format!("health endpoint on {}: {e}", common.health_addr))?;
-    tracing::info!(addr = %health, "health and metrics endpoint listening on http://{health}");
-
-    let Some(preflight) = rt
-        .unless_signalled(agent_core::preflight::run(
-            common,
-            &config.credentials.server,
-        ))
-        .await
+        .map_err(|e| e.to_string())?
     else {
         return Ok(());
     };
-    let preflight = preflight.map_err(|e| e.to_string())?;
     let info = docker_info(&config.docker_socket).await;
     let params = node_params(&config.identity, info);
-    let token = &config.credentials.token;
-    let half: String = token.chars().take(token.chars().count() / 2).collect();
-    tracing::info!(
-        url = %config.credentials.server.tunnel_url(common.register()),
-        node = %config.identity.name,
-        "Connecting with token starting with {half}"
+    log_connecting(
+        common,
+        &config.credentials,
+        format_args!("node={}", config.identity.name),
     );
     let spec = main_tunnel(
         common,

@@ -15,6 +15,9 @@
 //! * Trust: [`Trust`] (system roots, a PEM bundle, Rancher's `CATTLE_CA_CHECKSUM` pin, a pin of
 //!   the presented CA, or an explicit insecure mode).
 //! * Proxy: [`ProxyConfig`], from the environment the way Go reads it.
+//! * Reused by applications for their other requests to the server: [`client_config`] builds
+//!   the rustls configuration of a [`Trust`], [`dial_tcp`] opens a TCP connection through the
+//!   proxy the rules pick ([`connect_tunnel`] is its `CONNECT` step alone).
 //! * A failed upgrade is [`ConnectError::Handshake`] with the HTTP status and up to
 //!   `max_error_body` bytes of the body, because that text (`failed authentication`,
 //!   `cluster not found`) is what an operator needs.
@@ -46,9 +49,9 @@ use tokio_util::sync::CancellationToken;
 pub use self::backoff::BackoffConfig;
 pub use self::proxy::{
     ENV_HTTP_PROXY, ENV_HTTPS_PROXY, ENV_NO_PROXY, ENV_REQUEST_METHOD, EnvSource, NoProxy,
-    ProcessEnv, ProxyConfig, ProxyConfigError, ProxyUrl,
+    ProcessEnv, ProxyConfig, ProxyConfigError, ProxyUrl, connect_tunnel,
 };
-pub use self::tls::{TlsConfigError, Trust, ca_checksum};
+pub use self::tls::{TlsConfigError, Trust, ca_checksum, client_config};
 
 /// Any byte stream a websocket can run on: plain TCP, TLS, a proxy tunnel, or a test pipe.
 pub trait AsyncReadWrite: AsyncRead + AsyncWrite {}
@@ -512,7 +515,13 @@ impl Connector {
             check_headers(&shared.get())?;
         }
         let tls = if target.tls {
-            Some(tokio_rustls::TlsConnector::from(tls::client_config(
+            if matches!(config.trust, Trust::InsecureSkipVerify) {
+                tracing::warn!(
+                    "TLS certificate verification is DISABLED (Trust::InsecureSkipVerify): \
+                     anyone on the path can impersonate the server"
+                );
+            }
+            Some(tokio_rustls::TlsConnector::from(client_config(
                 &config.trust,
             )?))
         } else {
@@ -559,30 +568,15 @@ impl Connector {
         deadline: Instant,
     ) -> Result<WebSocketStream<BoxedIo>, ConnectError> {
         let t = &*self.target;
-        let target_addr = proxy::join_host_port(&t.host, t.port);
-        let proxy = self.config.proxy.proxy_for(t.tls, &t.host, t.port);
-        let tcp = match proxy {
-            Some(p) => {
-                tracing::debug!(proxy = %p, target = %target_addr, "dialing through proxy");
-                let mut tcp = dial(&p.authority()).await.map_err(|e| match e {
-                    ConnectError::Connect { source, .. } => ConnectError::ProxyIo {
-                        proxy: p.to_string(),
-                        source,
-                    },
-                    other => other,
-                })?;
-                proxy::connect_tunnel(
-                    &mut tcp,
-                    p,
-                    &target_addr,
-                    self.config.max_error_body,
-                    deadline,
-                )
-                .await?;
-                tcp
-            }
-            None => dial(&target_addr).await?,
-        };
+        let tcp = dial_tcp(
+            &self.config.proxy,
+            t.tls,
+            &t.host,
+            t.port,
+            self.config.max_error_body,
+            deadline,
+        )
+        .await?;
         let io: BoxedIo =
             match &self.tls {
                 Some(connector) => {
@@ -678,6 +672,40 @@ impl Connector {
         )
         .await)
     }
+}
+
+/// Opens a TCP connection to `host:port` (IPv6 without brackets) the way the connector does:
+/// through the proxy `proxies` picks for it ([`ProxyConfig::proxy_for`]: `HTTPS_PROXY` when
+/// `tls`, else `HTTP_PROXY`; none for `NO_PROXY` matches and loopback) with an HTTP `CONNECT`
+/// tunnel ([`connect_tunnel`]), else directly. Nagle is turned off either way.
+///
+/// Public so that an application's other requests to the server (an agent's pre-flight GETs)
+/// take the same way through the same proxies. The caller bounds the call; `deadline` and
+/// `max_error_body` are as for [`connect_tunnel`]. Errors: [`ConnectError::Connect`] when the
+/// target cannot be reached directly, [`ConnectError::ProxyIo`] when the proxy cannot,
+/// and the other `Proxy*` variants when the proxy refuses or misbehaves.
+pub async fn dial_tcp(
+    proxies: &ProxyConfig,
+    tls: bool,
+    host: &str,
+    port: u16,
+    max_error_body: usize,
+    deadline: Instant,
+) -> Result<TcpStream, ConnectError> {
+    let target = proxy::join_host_port(host, port);
+    let Some(p) = proxies.proxy_for(tls, host, port) else {
+        return dial(&target).await;
+    };
+    tracing::debug!(proxy = %p, %target, "dialing through proxy");
+    let mut tcp = dial(&p.authority()).await.map_err(|e| match e {
+        ConnectError::Connect { source, .. } => ConnectError::ProxyIo {
+            proxy: p.to_string(),
+            source,
+        },
+        other => other,
+    })?;
+    connect_tunnel(&mut tcp, p, &target, max_error_body, deadline).await?;
+    Ok(tcp)
 }
 
 async fn dial(addr: &str) -> Result<TcpStream, ConnectError> {

@@ -503,10 +503,19 @@ fn is_mapped_loopback(ip: IpAddr) -> bool {
 
 // === CONNECT ===
 
-/// Asks `proxy` (already connected as `io`) to open a tunnel to `target` (`host:port`).
-/// The caller bounds the whole exchange with its handshake deadline; `deadline` is that same
-/// instant, used to stop reading a refusal's body early rather than lose its status.
-pub(crate) async fn connect_tunnel<S>(
+/// Asks `proxy` (already connected as `io`) to open a tunnel to `target` (`host:port`, IPv6
+/// bracketed), sending `Proxy-Authorization: Basic …` when the proxy URL carried credentials.
+///
+/// On success `io` is the tunnel: nothing after the proxy's `200` head has been read, and a
+/// proxy that sends bytes after it is refused ([`ConnectError::ProxyProtocol`]), since only the
+/// target may speak next. A non-200 answer is [`ConnectError::ProxyRefused`] with up to
+/// `max_body` bytes of its body (tinyproxy and squid explain a 403 or 407 there); a broken
+/// conversation is [`ConnectError::ProxyIo`].
+///
+/// The caller bounds the whole exchange (the connector with its handshake timeout);
+/// `deadline` is that same instant, used to stop reading a refusal's body early rather than
+/// lose its status. Most callers want [`dial_tcp`](super::dial_tcp), which also picks the proxy.
+pub async fn connect_tunnel<S>(
     io: &mut S,
     proxy: &ProxyUrl,
     target: &str,
@@ -647,6 +656,72 @@ mod tests {
         assert!(cfg.proxy_for(true, "127.0.0.1", 443).is_some());
         cfg.set_no_proxy(NoProxy::parse("127.0.0.0/8"));
         assert_eq!(cfg.proxy_for(true, "127.0.0.1", 443), None);
+    }
+
+    /// A proxy on the far end of a pipe: reads one request head, answers `reply`, returns the
+    /// head.
+    async fn scripted_proxy(mut io: tokio::io::DuplexStream, reply: &'static [u8]) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut buf = [0u8; 512];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = io.read(&mut buf).await.expect("read");
+            assert!(n > 0, "client closed early");
+            head.extend_from_slice(&buf[..n]);
+        }
+        io.write_all(reply).await.expect("write");
+        String::from_utf8(head).expect("utf-8 head")
+    }
+
+    #[tokio::test]
+    async fn connect_sends_credentials_and_keeps_the_refusal() {
+        let proxy = ProxyUrl::parse("http://us%40er:p%3Ass@proxy:3128").unwrap();
+        let (mut client, far) = tokio::io::duplex(4096);
+        let far = tokio::spawn(scripted_proxy(
+            far,
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 6\r\n\r\ndenied",
+        ));
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let err = connect_tunnel(&mut client, &proxy, "[fd00::1]:443", 1024, deadline)
+            .await
+            .unwrap_err();
+        let head = far.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT [fd00::1]:443 HTTP/1.1\r\nHost: [fd00::1]:443\r\n"),
+            "{head}"
+        );
+        let token = data_encoding::BASE64.encode(b"us@er:p:ss");
+        assert!(
+            head.contains(&format!("Proxy-Authorization: Basic {token}\r\n")),
+            "{head}"
+        );
+        assert!(
+            matches!(&err, ConnectError::ProxyRefused { status: 407, body, proxy }
+                if body == "denied" && proxy == "http://proxy:3128"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_accepts_a_clean_200_only() {
+        let proxy = ProxyUrl::parse("proxy:3128").unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let (mut client, far) = tokio::io::duplex(4096);
+        let far = tokio::spawn(scripted_proxy(
+            far,
+            b"HTTP/1.1 200 Connection established\r\n\r\n",
+        ));
+        connect_tunnel(&mut client, &proxy, "a.example:443", 1024, deadline)
+            .await
+            .expect("tunnel");
+        assert!(!far.await.unwrap().contains("Proxy-Authorization"));
+
+        let (mut client, far) = tokio::io::duplex(4096);
+        let _far = tokio::spawn(scripted_proxy(far, b"HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 oops"));
+        let err = connect_tunnel(&mut client, &proxy, "a.example:443", 1024, deadline)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::ProxyProtocol { .. }), "{err:?}");
     }
 
     #[test]

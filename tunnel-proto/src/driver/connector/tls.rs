@@ -227,9 +227,20 @@ fn roots_from_pem(pem: &[u8], with_system_roots: bool) -> Result<RootCertStore, 
     Ok(roots)
 }
 
-/// Builds the rustls client configuration for `trust` (ring provider, TLS 1.2 and 1.3, ALPN
-/// `http/1.1` because a websocket upgrade needs HTTP/1.1).
-pub(crate) fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsConfigError> {
+/// Builds the rustls client configuration for `trust`: ring provider, TLS 1.2 and 1.3, ALPN
+/// `http/1.1` (a websocket upgrade needs HTTP/1.1, and so does any other HTTP/1.1 client that
+/// uses it).
+///
+/// [`Connector::new`](super::Connector::new) calls this for `wss://` URLs; it is public so that
+/// an application's other HTTPS requests to the same server (an agent's pre-flight GETs) trust
+/// exactly what its tunnel trusts, through the same code.
+///
+/// Errors: [`TlsConfigError::CaChecksumMismatch`] and [`TlsConfigError::BadChecksum`] for a
+/// [`Trust::PinnedCa`] that does not check out, [`TlsConfigError::InvalidCa`] for a PEM without
+/// a usable certificate, [`TlsConfigError::NoSystemRoots`] when the platform store is asked for
+/// and yields nothing. [`Trust::InsecureSkipVerify`] builds without a word here; the connector
+/// logs its warning when it is built with it.
+pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -262,24 +273,103 @@ pub(crate) fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsConfi
         }
         Trust::PinnedPresentedCa { checksum } => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PresentedCaPin {
-                expected: normalise_checksum(checksum)?,
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                chain: PresentedCaPin {
+                    expected: normalise_checksum(checksum)?,
+                },
                 provider,
             }))
             .with_no_client_auth(),
-        Trust::InsecureSkipVerify => {
-            tracing::warn!(
-                "TLS certificate verification is DISABLED (Trust::InsecureSkipVerify): \
-                 anyone on the path can impersonate the server"
-            );
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerification { provider }))
-                .with_no_client_auth()
-        }
+        Trust::InsecureSkipVerify => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                chain: AnyChain,
+                provider,
+            }))
+            .with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+// === impl Verifier ===
+
+/// What differs between the custom verifiers: whether to believe the presented chain.
+/// Handshake signatures are checked the same way for every mode, once, by [`Verifier`].
+trait ChainCheck: fmt::Debug + Send + Sync {
+    /// [`ServerCertVerifier::verify_server_cert`], with the verifier's crypto provider.
+    fn check_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+/// A rustls verifier made of a [`ChainCheck`] and the provider's signature algorithms. Even
+/// [`Trust::InsecureSkipVerify`] goes through here, so a handshake is always signed by the key
+/// in the certificate it presents.
+#[derive(Debug)]
+struct Verifier<C> {
+    chain: C,
+    provider: Arc<CryptoProvider>,
+}
+
+impl<C: ChainCheck> ServerCertVerifier for Verifier<C> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.chain.check_chain(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+            &self.provider,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 // === impl PresentedCaPin ===
@@ -288,7 +378,6 @@ pub(crate) fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsConfi
 #[derive(Debug)]
 struct PresentedCaPin {
     expected: String,
-    provider: Arc<CryptoProvider>,
 }
 
 /// The error the presented-CA pin puts inside `rustls::Error::Other`; the connector digs it out
@@ -332,14 +421,15 @@ impl PresentedCaPin {
     }
 }
 
-impl ServerCertVerifier for PresentedCaPin {
-    fn verify_server_cert(
+impl ChainCheck for PresentedCaPin {
+    fn check_chain(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
+        provider: &Arc<CryptoProvider>,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let anchors = self
             .find_anchor(intermediates)
@@ -351,100 +441,31 @@ impl ServerCertVerifier for PresentedCaPin {
                 .map_err(|e| rustls::Error::General(format!("pinned CA unusable: {e}")))?;
         }
         let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
         verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
-// === impl NoVerification ===
+// === impl AnyChain ===
 
-/// [`Trust::InsecureSkipVerify`]: accepts any certificate, but still checks that the handshake
-/// was signed by the key in it (so it is "unauthenticated", not "broken").
+/// [`Trust::InsecureSkipVerify`]: accepts any certificate chain; [`Verifier`] still checks that
+/// the handshake was signed by the key in it (so it is "unauthenticated", not "broken").
 #[derive(Debug)]
-struct NoVerification {
-    provider: Arc<CryptoProvider>,
-}
+struct AnyChain;
 
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
+impl ChainCheck for AnyChain {
+    fn check_chain(
         &self,
         _end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
+        _provider: &Arc<CryptoProvider>,
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -472,6 +493,46 @@ mod tests {
             normalise_checksum("abc"),
             Err(TlsConfigError::BadChecksum(_))
         ));
+    }
+
+    #[test]
+    fn client_config_refuses_unusable_trust() {
+        let bundle = |pem: &[u8]| Trust::CaBundle {
+            pem: pem.to_vec(),
+            with_system_roots: false,
+        };
+        // No CERTIFICATE block at all.
+        assert!(matches!(
+            client_config(&bundle(b"not a pem")),
+            Err(TlsConfigError::InvalidCa(_))
+        ));
+        // A block whose DER is not a certificate.
+        let garbage = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            client_config(&bundle(garbage)),
+            Err(TlsConfigError::InvalidCa(_))
+        ));
+        let wrong = "0".repeat(64);
+        assert_eq!(
+            client_config(&Trust::PinnedCa {
+                checksum: wrong.clone(),
+                ca_pem: "x".to_owned(),
+                with_system_roots: false,
+            })
+            .err(),
+            Some(TlsConfigError::CaChecksumMismatch {
+                expected: wrong,
+                actual: ca_checksum("x"),
+            })
+        );
+        assert!(matches!(
+            client_config(&Trust::PinnedPresentedCa {
+                checksum: "zz".to_owned()
+            }),
+            Err(TlsConfigError::BadChecksum(_))
+        ));
+        let insecure = client_config(&Trust::InsecureSkipVerify).expect("insecure builds");
+        assert_eq!(insecure.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 
     #[test]
