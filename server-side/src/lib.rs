@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth_limit;
 pub mod http_util;
 pub mod import;

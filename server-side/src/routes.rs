@@ -53,7 +53,7 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
         return crate::api::handle(app, req).await;
     }
     if let Some(name) = path.strip_prefix("/v3/import/") {
-        return import(&app, &req, name);
+        return import(&app, &req, name).await;
     }
 
     match (method, path.as_str()) {
@@ -100,7 +100,7 @@ fn split_id(s: &str) -> (&str, &str) {
     }
 }
 
-fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<ResponseBody> {
+async fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<ResponseBody> {
     let invalid = || {
         text(
             StatusCode::BAD_REQUEST,
@@ -117,10 +117,10 @@ fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<Resp
     if !valid_id(cluster_id) {
         return invalid();
     }
-    match app.store.cluster_for_registration_token(token) {
+    match app.store.cluster_for_registration_token(token).await {
         Ok(Some(owner)) if owner == cluster_id => {}
         Ok(_) => return invalid(),
-        Err(err) => return crate::http_util::internal(&err),
+        Err(err) => return crate::http_util::store_failure(&err),
     }
     let node_agent = req
         .uri()

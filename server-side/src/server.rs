@@ -16,7 +16,7 @@ use tunnel_proto::{Role, SessionConfig};
 
 use crate::app::{App, AppConfig, SharedApp};
 use crate::auth_limit::{AuthLimitConfig, AuthLimitConfigError};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{LAST_USE_FLUSH_INTERVAL, SqliteStore, Store, StoreError, TokenUseFlusher};
 
 /// The tunnel mount paths.
 pub const MOUNT_PATHS: [&str; 2] = ["/v3/connect", "/v3/connect/register"];
@@ -253,7 +253,7 @@ impl Server {
             acceptor_config,
             move |req: AuthRequest| {
                 let app = auth_app.clone();
-                async move { crate::tunnel_auth::authorize(&app, &req) }
+                async move { crate::tunnel_auth::authorize(&app, &req).await }
             },
             move |tunnel| {
                 let registry = registry.clone();
@@ -287,8 +287,15 @@ impl Server {
         let background = shutdown.child_token();
         tokio::spawn(crate::probe::run(self.app.clone(), background.clone()));
         tokio::spawn(count_sessions(self.app.clone(), background.clone()));
+        let store = self.app.store.clone();
+        let flusher = TokenUseFlusher::new(store.clone(), LAST_USE_FLUSH_INTERVAL);
+        tokio::spawn(flusher.run(background.clone()));
         self.acceptor.serve(self.listener, shutdown).await;
         background.cancel();
+        // The API-token uses noted since the last flush.
+        if let Err(err) = store.flush_token_uses().await {
+            tracing::warn!(error = %err, "cannot record the last API token uses at shutdown");
+        }
     }
 }
 

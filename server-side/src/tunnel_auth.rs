@@ -135,7 +135,7 @@ fn store_error(err: StoreError) -> String {
 }
 
 /// The MCM authorizer (`mcmauthorizer.AuthorizeTunnel`).
-fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
+async fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
     let token = header(req, TOKEN_HEADER);
     if token.is_empty() {
         return Ok(None);
@@ -143,6 +143,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
     let cluster_id = app
         .store
         .cluster_for_registration_token(token)
+        .await
         .map_err(store_error)?
         .ok_or(Failure::UnknownToken)?;
     let params = parse_params(header(req, PARAMS_HEADER))?;
@@ -154,7 +155,11 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
             .unwrap_or_default()
             .to_owned();
         let machine = tokens::machine_name(&hostname);
-        let existing = app.store.node(&cluster_id, &machine).map_err(store_error)?;
+        let existing = app
+            .store
+            .node(&cluster_id, &machine)
+            .await
+            .map_err(store_error)?;
         match existing {
             None if !register => {
                 return Err(format!("node.management.cattle.io \"{machine}\" not found").into());
@@ -174,6 +179,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
                         created_at,
                         params: node,
                     })
+                    .await
                     .map_err(store_error)?;
             }
             _ => {}
@@ -189,6 +195,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
         if app
             .store
             .set_cluster_agent_report(&cluster_id, &report)
+            .await
             .map_err(store_error)?
         {
             tracing::info!(cluster = %cluster_id, api_endpoint = %report.api_endpoint, "cluster agent report stored");
@@ -209,7 +216,7 @@ fn stv_token(req: &AuthRequest) -> &str {
 }
 
 /// The steve cluster-proxy authorizer.
-fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
+async fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
     let token = stv_token(req);
     if token.is_empty() {
         return Ok(None);
@@ -217,12 +224,13 @@ fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
     Ok(app
         .store
         .cluster_for_registration_token(token)
+        .await
         .map_err(store_error)?
         .map(|cluster| stv_key(&cluster)))
 }
 
 /// Runs the rate limit and the chain on one tunnel request.
-pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
+pub async fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
     let now = Instant::now();
     let addr = AddrKey::of(req.remote_addr.ip());
     // In chain order: what each authorizer checks.
@@ -233,7 +241,7 @@ pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
             return Err(rate_limited(addr, retry_after));
         }
     }
-    let result = run_chain(app, req);
+    let result = run_chain(app, req).await;
     let failure = match &result {
         Ok((_, used)) => {
             app.known_good.insert(credentials[*used], now);
@@ -287,10 +295,14 @@ enum ChainError {
 
 /// The chain itself: the first authorizer that authenticates wins (its key and index are
 /// returned), else the first error.
-fn run_chain(app: &App, req: &AuthRequest) -> Result<(ClientKey, usize), ChainError> {
+async fn run_chain(app: &App, req: &AuthRequest) -> Result<(ClientKey, usize), ChainError> {
     let mut first_error = None;
-    for (i, authorizer) in [authorize_mcm, authorize_stv].into_iter().enumerate() {
-        match authorizer(app, req) {
+    for i in 0..2 {
+        let outcome = match i {
+            0 => authorize_mcm(app, req).await,
+            _ => authorize_stv(app, req).await,
+        };
+        match outcome {
             Ok(Some(key)) => {
                 // Refuse before the upgrade what the registry would refuse after it.
                 check_client_key(&key).map_err(|e| ChainError::BadRequest(e.to_string()))?;
@@ -387,8 +399,8 @@ mod tests {
         matches!(r, Err(Reject::TooManyRequests { message, .. }) if message.starts_with("too many failed authentications"))
     }
 
-    #[test]
-    fn only_credential_failures_take_from_the_budget() {
+    #[tokio::test]
+    async fn only_credential_failures_take_from_the_budget() {
         let (app, token) = app(2);
         let cluster = b64(r#"{"cluster":{"address":"a:1","token":"t","caCert":"c"}}"#);
         let bad_params = b64(r#"{"cluster":{}}"#);
@@ -398,7 +410,8 @@ mod tests {
             let r = authorize(
                 &app,
                 &request(a, &[(TOKEN_HEADER, &token), (PARAMS_HEADER, &bad_params)]),
-            );
+            )
+            .await;
             assert_eq!(
                 r,
                 Err(Reject::BadRequest(
@@ -407,17 +420,18 @@ mod tests {
             );
         }
         // Two failures use the budget of 2; the third request is refused unlooked.
-        let r = authorize(&app, &request(a, &[]));
+        let r = authorize(&app, &request(a, &[])).await;
         assert_eq!(r, Err(Reject::Unauthorized));
         let r = authorize(
             &app,
             &request(a, &[(TOKEN_HEADER, "nope"), (PARAMS_HEADER, &cluster)]),
-        );
+        )
+        .await;
         assert_eq!(r, Err(Reject::BadRequest("cluster not found".to_owned())));
-        assert!(limited(&authorize(&app, &request(a, &[]))));
+        assert!(limited(&authorize(&app, &request(a, &[])).await));
         // Another address is not affected.
         assert_eq!(
-            authorize(&app, &request("192.0.2.2", &[])),
+            authorize(&app, &request("192.0.2.2", &[])).await,
             Err(Reject::Unauthorized)
         );
         // A correct token not yet seen waits too; once accepted (from elsewhere), it skips the
@@ -426,16 +440,23 @@ mod tests {
             (TOKEN_HEADER, token.as_str()),
             (PARAMS_HEADER, cluster.as_str()),
         ];
-        assert!(limited(&authorize(&app, &request(a, &good))));
-        assert!(authorize(&app, &request("192.0.2.3", &good)).is_ok());
-        assert!(authorize(&app, &request(a, &good)).is_ok());
+        assert!(limited(&authorize(&app, &request(a, &good)).await));
+        assert!(authorize(&app, &request("192.0.2.3", &good)).await.is_ok());
+        assert!(authorize(&app, &request(a, &good)).await.is_ok());
         // The steve bearer is a credential too.
         let stv = format!("Bearer {STV_BEARER_PREFIX}{token}");
-        assert!(limited(&authorize(
-            &app,
-            &request(a, &[("authorization", "Bearer stv-cluster-x")])
-        )));
-        assert!(authorize(&app, &request(a, &[("authorization", &stv)])).is_ok());
+        assert!(limited(
+            &authorize(
+                &app,
+                &request(a, &[("authorization", "Bearer stv-cluster-x")])
+            )
+            .await
+        ));
+        assert!(
+            authorize(&app, &request(a, &[("authorization", &stv)]))
+                .await
+                .is_ok()
+        );
         let m = app.metrics.render(&app.registry, app.upstreams.live());
         assert!(
             m.contains("tunnel_server_agent_auth_failures_total{reason=\"missing_credentials\"} 2"),

@@ -15,7 +15,7 @@ use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 use super::pool::current_session;
 use super::{Audit, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
-use crate::http_util::{internal, text};
+use crate::http_util::{store_failure, text};
 
 /// Serves one request for node `node_id`; `rest` is the path after the prefix.
 pub async fn handle(
@@ -24,13 +24,13 @@ pub async fn handle(
     node_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let (audit, user) = match Audit::authenticate(&app, &req, "docker", node_id) {
+    let (audit, user) = match Audit::authenticate(&app, &req, "docker", node_id).await {
         Ok(started) => started,
         Err(resp) => return resp,
     };
-    let mut nodes = match app.store.nodes_named(node_id) {
+    let mut nodes = match app.store.nodes_named(node_id).await {
         Ok(nodes) => nodes,
-        Err(err) => return audit.respond(internal(&err)),
+        Err(err) => return audit.respond(store_failure(&err)),
     };
     let node = match nodes.len() {
         0 => {
@@ -47,7 +47,7 @@ pub async fn handle(
             ));
         }
     };
-    match app.store.is_granted(&user.id, &node.cluster_id) {
+    match app.store.is_granted(&user.id, &node.cluster_id).await {
         Ok(true) => {}
         Ok(false) if user.admin => {}
         Ok(false) => {
@@ -59,7 +59,7 @@ pub async fn handle(
                 ),
             ));
         }
-        Err(err) => return audit.respond(internal(&err)),
+        Err(err) => return audit.respond(store_failure(&err)),
     }
     let rest = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match req.uri().query() {

@@ -141,14 +141,14 @@ impl Audit {
 
     /// Starts the record of a proxied request and authenticates its user: the audit record
     /// (naming the user) and the user, or the response already given (401, 429, 500).
-    pub fn authenticate<B>(
+    pub async fn authenticate<B>(
         app: &SharedApp,
         req: &Request<B>,
         kind: &'static str,
         target: &str,
     ) -> Result<(Self, crate::store::User), Response<ResponseBody>> {
         let mut audit = Self::new(app.clone(), kind, target, req.method(), req.uri().path());
-        match crate::http_util::authenticate(app, req) {
+        match crate::http_util::authenticate(app, req).await {
             Ok(user) => {
                 audit.set_user(&user.name);
                 Ok((audit, user))
