@@ -944,6 +944,10 @@ pub fn openapi(server_url: &str) -> Value {
                 ("401", "no or invalid bearer token"),
                 ("403", "not an admin"),
                 ("404", "not found"),
+                (
+                    "503",
+                    "the store is busy (too many calls waiting); retry after Retry-After",
+                ),
             ] {
                 responses.insert(code.to_owned(), json!({ "description": what, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }));
             }
