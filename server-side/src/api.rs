@@ -1,6 +1,6 @@
 //! The management API under `/v1/` (JSON): clusters, nodes with live connection state,
 //! users, API tokens and grants. Every route but `/v1/openapi.json` needs an admin user's
-//! bearer token.
+//! bearer token. Every mutation leaves an audit line ([`crate::audit`]) naming the user.
 //!
 //! [`ROUTES`] is the single list of routes: the dispatcher matches requests against it and
 //! [`openapi`] documents exactly it.
@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 
 use crate::app::{SharedApp, stv_key};
-use crate::http_util::{authenticate, internal, json_response};
+use crate::audit::{self, Mutation, Outcome};
+use crate::http_util::{authenticate, json_response, store_failure};
 use crate::import::{import_command, import_url};
 use crate::store::{Cluster, Node, StoreError};
 
@@ -68,6 +69,36 @@ pub enum Op {
     DeleteGrant,
     /// `GET /v1/openapi.json`
     OpenApi,
+}
+
+impl Op {
+    /// What a route changes, for its audit line: (verb, object); `None` for reads.
+    pub fn mutation(self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
+            Op::CreateCluster => ("create", "cluster"),
+            Op::DeleteCluster => ("delete", "cluster"),
+            Op::CreateClusterToken => ("create", "registration-token"),
+            Op::DeleteClusterToken => ("delete", "registration-token"),
+            Op::UpdateNode => ("update", "node"),
+            Op::CreateUser => ("create", "user"),
+            Op::DeleteUser => ("delete", "user"),
+            Op::CreateToken => ("create", "api-token"),
+            Op::RevokeToken => ("revoke", "api-token"),
+            Op::CreateGrant => ("create", "grant"),
+            Op::DeleteGrant => ("delete", "grant"),
+            Op::ListClusters
+            | Op::GetCluster
+            | Op::ClusterImport
+            | Op::ListClusterTokens
+            | Op::ListNodes
+            | Op::GetNode
+            | Op::ListUsers
+            | Op::GetUser
+            | Op::ListTokens
+            | Op::ListGrants
+            | Op::OpenApi => return None,
+        })
+    }
 }
 
 /// One route: method, path pattern (`{name}` is one segment), what it does, and its docs.
@@ -317,7 +348,7 @@ fn store_error(err: StoreError) -> Response<ResponseBody> {
     match err {
         StoreError::Conflict(what) => error(StatusCode::CONFLICT, format!("{what} already exists")),
         StoreError::NotFound(what) => error(StatusCode::NOT_FOUND, format!("{what} not found")),
-        other => internal(&other),
+        other => store_failure(&other),
     }
 }
 
@@ -371,15 +402,27 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
     if op == Op::OpenApi {
         return json_response(StatusCode::OK, &openapi(&app.config.server_url));
     }
-    let user = match authenticate(&app, &req) {
+    let user = match authenticate(&app, &req).await {
         Ok(u) => u,
         Err(resp) => return resp,
     };
+    // The object as the request names it; a create replaces it with what it made.
+    let mut target = match op {
+        Op::DeleteClusterToken => {
+            format!("{} {}", p_or(&params, 0), audit::redact(p_or(&params, 1)))
+        }
+        _ => params.join(" "),
+    };
     if !user.admin {
-        return error(
+        let resp = error(
             StatusCode::FORBIDDEN,
             format!("user {} is not an admin", user.name),
         );
+        if let Some((verb, object)) = op.mutation() {
+            let m = Mutation::new(verb, object, target);
+            audit::log(&user.name, "api", &m, Outcome::Refused, "403");
+        }
+        return resp;
     }
     let query = req.uri().query().unwrap_or("").to_owned();
     let query_param = |name: &str| {
@@ -398,16 +441,41 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
         body,
         query_param("cluster"),
         query_param("user"),
+        Audited {
+            who: &user.name,
+            target: &mut target,
+        },
     )
     .await
     {
         Ok(resp) | Err(resp) => resp,
     };
+    if let Some((verb, object)) = op.mutation() {
+        let status = resp.status();
+        let m = Mutation::new(verb, object, target);
+        audit::log(
+            &user.name,
+            "api",
+            &m,
+            Outcome::of_status(status),
+            status.as_str(),
+        );
+    }
     if mutation && resp.status().is_success() {
         // A deletion or revocation may take away what live tunnels and streams run on.
         app.live.changed();
     }
     resp
+}
+
+fn p_or(params: &[String], i: usize) -> &str {
+    params.get(i).map(String::as_str).unwrap_or_default()
+}
+
+/// Who is calling, and the audit line's object, which a create fills in.
+struct Audited<'a> {
+    who: &'a str,
+    target: &'a mut String,
 }
 
 type Handled = Result<Response<ResponseBody>, Response<ResponseBody>>;
@@ -483,7 +551,13 @@ struct NewToken {
     user_id: String,
     #[serde(default)]
     description: String,
+    /// Seconds until the token expires; absent or 0: never.
+    #[serde(default)]
+    ttl_seconds: u64,
 }
+
+/// Longest token lifetime the API accepts (about 100 years).
+const MAX_TTL_SECONDS: u64 = 100 * 366 * 24 * 3600;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -519,19 +593,22 @@ async fn dispatch(
     body: Incoming,
     cluster_filter: Option<String>,
     user_filter: Option<String>,
+    audited: Audited<'_>,
 ) -> Handled {
     let store = &app.store;
     let p = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
     Ok(match op {
         Op::ListClusters => {
-            let clusters = store.clusters().map_err(store_error)?;
+            let clusters = store.clusters().await.map_err(store_error)?;
             let items: Vec<Value> = clusters.iter().map(|c| cluster_view(app, c)).collect();
             json_response(StatusCode::OK, &json!({ "items": items }))
         }
         Op::CreateCluster => {
             let new: NewCluster = read_json(body).await?;
             valid_name(&new.name)?;
-            let (cluster, token) = store.create_cluster(&new.name).map_err(store_error)?;
+            *audited.target = new.name.clone();
+            let (cluster, token) = store.create_cluster(&new.name).await.map_err(store_error)?;
+            *audited.target = format!("{} ({})", cluster.id, cluster.name);
             let url = &app.config.server_url;
             json_response(
                 StatusCode::CREATED,
@@ -545,40 +622,67 @@ async fn dispatch(
         }
         Op::GetCluster => {
             let c = found(
-                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(0))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
             json_response(StatusCode::OK, &cluster_view(app, &c))
         }
         Op::DeleteCluster => {
             let c = found(
-                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(0))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
-            store.delete_cluster(&c.id).map_err(store_error)?;
+            store.delete_cluster(&c.id).await.map_err(store_error)?;
             close_cluster_tunnels(app, &c.id);
             crate::http_util::empty(StatusCode::NO_CONTENT)
         }
         Op::ClusterImport => {
             let c = found(
-                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(0))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
-            let tokens = store.registration_tokens(&c.id).map_err(store_error)?;
+            let tokens = store
+                .registration_tokens(&c.id)
+                .await
+                .map_err(store_error)?;
             let token = match tokens.into_iter().next_back() {
                 Some(t) => t,
-                None => store
-                    .create_registration_token(&c.id)
-                    .map_err(store_error)?,
+                None => {
+                    // A GET that writes: audited like the POST.
+                    let created = store.create_registration_token(&c.id).await;
+                    let m = Mutation::new("create", "registration-token", c.id.clone());
+                    let outcome = if created.is_ok() {
+                        Outcome::Ok
+                    } else {
+                        Outcome::Failed
+                    };
+                    audit::log(audited.who, "api", &m, outcome, "on import");
+                    created.map_err(store_error)?
+                }
             };
             json_response(StatusCode::OK, &import_view(app, &c.id, &token.token))
         }
         Op::ListClusterTokens => {
             let c = found(
-                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(0))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
-            let tokens = store.registration_tokens(&c.id).map_err(store_error)?;
+            let tokens = store
+                .registration_tokens(&c.id)
+                .await
+                .map_err(store_error)?;
             let items: Vec<Value> = tokens
                 .iter()
                 .map(|t| import_view(app, &c.id, &t.token))
@@ -587,21 +691,30 @@ async fn dispatch(
         }
         Op::CreateClusterToken => {
             let c = found(
-                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(0))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
             let t = store
                 .create_registration_token(&c.id)
+                .await
                 .map_err(store_error)?;
+            *audited.target = format!("{} {}", c.id, audit::redact(&t.token));
             json_response(StatusCode::CREATED, &import_view(app, &c.id, &t.token))
         }
         Op::DeleteClusterToken => {
             let c = found(
-                store.cluster_by_id_or_name(p(0)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(0))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
             if !store
                 .delete_registration_token(&c.id, p(1))
+                .await
                 .map_err(store_error)?
             {
                 return Err(error(StatusCode::NOT_FOUND, "registration token not found"));
@@ -611,15 +724,13 @@ async fn dispatch(
         Op::ListNodes => {
             let nodes = store
                 .nodes(cluster_filter.as_deref())
+                .await
                 .map_err(store_error)?;
             let items: Vec<Value> = nodes.iter().map(|n| node_view(app, n)).collect();
             json_response(StatusCode::OK, &json!({ "items": items }))
         }
         Op::GetNode => {
-            let n = found(
-                crate::store::resolve_node(store.as_ref(), p(0)).map_err(store_error)?,
-                "node",
-            )?;
+            let n = found(store.resolve_node(p(0)).await.map_err(store_error)?, "node")?;
             json_response(StatusCode::OK, &node_view(app, &n))
         }
         Op::UpdateNode => {
@@ -633,31 +744,36 @@ async fn dispatch(
                     ),
                 ));
             }
-            let n = found(
-                crate::store::resolve_node(store.as_ref(), p(0)).map_err(store_error)?,
-                "node",
-            )?;
+            let n = found(store.resolve_node(p(0)).await.map_err(store_error)?, "node")?;
             store
                 .set_node_docker_socket(&n.cluster_id, &n.id, &path)
+                .await
                 .map_err(store_error)?;
             let n = found(
-                store.node(&n.cluster_id, &n.id).map_err(store_error)?,
+                store
+                    .node(&n.cluster_id, &n.id)
+                    .await
+                    .map_err(store_error)?,
                 "node",
             )?;
             json_response(StatusCode::OK, &node_view(app, &n))
         }
         Op::ListUsers => {
-            let users = store.users().map_err(store_error)?;
+            let users = store.users().await.map_err(store_error)?;
             json_response(StatusCode::OK, &json!({ "items": users }))
         }
         Op::CreateUser => {
             let new: NewUser = read_json(body).await?;
             valid_name(&new.name)?;
+            *audited.target = new.name.clone();
             let user = store
                 .create_user(&new.name, &new.groups, new.admin)
+                .await
                 .map_err(store_error)?;
+            *audited.target = format!("{} ({})", user.id, user.name);
             let (token, value) = store
-                .create_api_token(&user.id, "created with the user")
+                .create_api_token(&user.id, "created with the user", None)
+                .await
                 .map_err(store_error)?;
             json_response(
                 StatusCode::CREATED,
@@ -665,74 +781,113 @@ async fn dispatch(
             )
         }
         Op::GetUser => {
-            let u = found(store.user_by_id_or_name(p(0)).map_err(store_error)?, "user")?;
+            let u = found(
+                store.user_by_id_or_name(p(0)).await.map_err(store_error)?,
+                "user",
+            )?;
             json_response(StatusCode::OK, &u)
         }
         Op::DeleteUser => {
-            let u = found(store.user_by_id_or_name(p(0)).map_err(store_error)?, "user")?;
-            store.delete_user(&u.id).map_err(store_error)?;
+            let u = found(
+                store.user_by_id_or_name(p(0)).await.map_err(store_error)?,
+                "user",
+            )?;
+            store.delete_user(&u.id).await.map_err(store_error)?;
             crate::http_util::empty(StatusCode::NO_CONTENT)
         }
         Op::ListTokens => {
             let user_id = match user_filter {
-                Some(u) => {
-                    Some(found(store.user_by_id_or_name(&u).map_err(store_error)?, "user")?.id)
-                }
+                Some(u) => Some(
+                    found(
+                        store.user_by_id_or_name(&u).await.map_err(store_error)?,
+                        "user",
+                    )?
+                    .id,
+                ),
                 None => None,
             };
-            let tokens = store.api_tokens(user_id.as_deref()).map_err(store_error)?;
+            let tokens = store
+                .api_tokens(user_id.as_deref())
+                .await
+                .map_err(store_error)?;
             json_response(StatusCode::OK, &json!({ "items": tokens }))
         }
         Op::CreateToken => {
             let new: NewToken = read_json(body).await?;
+            *audited.target = format!("for {}", new.user_id);
+            if new.ttl_seconds > MAX_TTL_SECONDS {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("ttlSeconds must be at most {MAX_TTL_SECONDS}"),
+                ));
+            }
+            let expires_at =
+                (new.ttl_seconds > 0).then(|| crate::store::now_unix() + new.ttl_seconds as i64);
             let u = found(
                 store
                     .user_by_id_or_name(&new.user_id)
+                    .await
                     .map_err(store_error)?,
                 "user",
             )?;
             let (token, value) = store
-                .create_api_token(&u.id, &new.description)
+                .create_api_token(&u.id, &new.description, expires_at)
+                .await
                 .map_err(store_error)?;
+            *audited.target = format!("{} for {}", token.id, u.name);
             json_response(
                 StatusCode::CREATED,
                 &json!({ "token": token, "value": value }),
             )
         }
         Op::RevokeToken => {
-            if !store.revoke_api_token(p(0)).map_err(store_error)? {
+            if !store.revoke_api_token(p(0)).await.map_err(store_error)? {
                 return Err(error(StatusCode::NOT_FOUND, "token not found"));
             }
             crate::http_util::empty(StatusCode::NO_CONTENT)
         }
         Op::ListGrants => {
-            let grants = store.grants().map_err(store_error)?;
+            let grants = store.grants().await.map_err(store_error)?;
             json_response(StatusCode::OK, &json!({ "items": grants }))
         }
         Op::CreateGrant => {
             let new: NewGrant = read_json(body).await?;
+            *audited.target = format!("{} {}", new.user_id, new.cluster_id);
             let u = found(
                 store
                     .user_by_id_or_name(&new.user_id)
+                    .await
                     .map_err(store_error)?,
                 "user",
             )?;
             let c = found(
                 store
                     .cluster_by_id_or_name(&new.cluster_id)
+                    .await
                     .map_err(store_error)?,
                 "cluster",
             )?;
-            let grant = store.grant(&u.id, &c.id).map_err(store_error)?;
+            *audited.target = format!("{} {}", u.id, c.id);
+            let grant = store.grant(&u.id, &c.id).await.map_err(store_error)?;
             json_response(StatusCode::CREATED, &grant)
         }
         Op::DeleteGrant => {
-            let u = found(store.user_by_id_or_name(p(0)).map_err(store_error)?, "user")?;
+            let u = found(
+                store.user_by_id_or_name(p(0)).await.map_err(store_error)?,
+                "user",
+            )?;
             let c = found(
-                store.cluster_by_id_or_name(p(1)).map_err(store_error)?,
+                store
+                    .cluster_by_id_or_name(p(1))
+                    .await
+                    .map_err(store_error)?,
                 "cluster",
             )?;
-            if !store.revoke_grant(&u.id, &c.id).map_err(store_error)? {
+            if !store
+                .revoke_grant(&u.id, &c.id)
+                .await
+                .map_err(store_error)?
+            {
                 return Err(error(StatusCode::NOT_FOUND, "grant not found"));
             }
             crate::http_util::empty(StatusCode::NO_CONTENT)
@@ -780,9 +935,11 @@ fn schemas() -> Value {
         "UserList": list("User"),
         "NewUser": { "type": "object", "required": ["name"], "properties": { "name": { "type": "string" }, "groups": { "type": "array", "items": { "type": "string" } }, "admin": { "type": "boolean" } } },
         "UserCreated": { "type": "object", "properties": { "user": { "$ref": "#/components/schemas/User" }, "token": { "$ref": "#/components/schemas/ApiToken" }, "value": { "type": "string", "description": "bearer token, shown once" } } },
-        "ApiToken": { "type": "object", "properties": { "id": { "type": "string" }, "userId": { "type": "string" }, "description": { "type": "string" }, "createdAt": ts, "revoked": { "type": "boolean" } } },
+        "ApiToken": { "type": "object", "properties": { "id": { "type": "string" }, "userId": { "type": "string" }, "description": { "type": "string" }, "createdAt": ts, "revoked": { "type": "boolean" },
+            "expiresAt": { "type": "integer", "format": "int64", "nullable": true, "description": "Unix seconds after which the token is refused; null: never" },
+            "lastUsedAt": { "type": "integer", "format": "int64", "nullable": true, "description": "Unix seconds of the last successful authentication (recorded within a few seconds); null: never" } } },
         "TokenList": list("ApiToken"),
-        "NewToken": { "type": "object", "required": ["userId"], "properties": { "userId": { "type": "string", "description": "user id or name" }, "description": { "type": "string" } } },
+        "NewToken": { "type": "object", "required": ["userId"], "properties": { "userId": { "type": "string", "description": "user id or name" }, "description": { "type": "string" }, "ttlSeconds": { "type": "integer", "format": "int64", "description": "lifetime in seconds; absent or 0: never expires" } } },
         "TokenCreated": { "type": "object", "properties": { "token": { "$ref": "#/components/schemas/ApiToken" }, "value": { "type": "string", "description": "bearer token, shown once" } } },
         "Grant": { "type": "object", "properties": { "userId": { "type": "string" }, "clusterId": { "type": "string" }, "createdAt": ts } },
         "GrantList": list("Grant"),
@@ -814,6 +971,10 @@ pub fn openapi(server_url: &str) -> Value {
                 ("401", "no or invalid bearer token"),
                 ("403", "not an admin"),
                 ("404", "not found"),
+                (
+                    "503",
+                    "the store is busy (too many calls waiting); retry after Retry-After",
+                ),
             ] {
                 responses.insert(code.to_owned(), json!({ "description": what, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }));
             }

@@ -10,7 +10,7 @@ use tunnel_proto::driver::registry::Registry;
 
 use crate::auth_limit::{AuthLimitConfig, AuthLimiter, DEFAULT_KNOWN_GOOD, KnownGood};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreHandle};
 
 /// Settings handlers need.
 #[derive(Debug, Clone)]
@@ -44,8 +44,8 @@ pub struct Connectivity {
 
 /// Shared server state.
 pub struct App {
-    /// Durable state.
-    pub store: Arc<dyn Store>,
+    /// Durable state, called off the runtime ([`StoreHandle`]).
+    pub store: StoreHandle,
     /// Live tunnels.
     pub registry: Registry,
     /// Settings.
@@ -81,10 +81,10 @@ pub fn stv_key(cluster_id: &str) -> ClientKey {
 }
 
 impl App {
-    /// Assembles the state.
+    /// Assembles the state; the store gets a [`StoreHandle`] with the default bounds.
     pub fn new(store: Arc<dyn Store>, registry: Registry, config: AppConfig) -> Self {
         Self {
-            store,
+            store: StoreHandle::new(store),
             registry,
             auth_limiter: AuthLimiter::new(config.auth_limit.clone()),
             known_good: KnownGood::new(DEFAULT_KNOWN_GOOD),

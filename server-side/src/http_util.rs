@@ -7,7 +7,7 @@ use tunnel_proto::driver::acceptor::{PeerAddr, ResponseBody, full_body, text_res
 
 use crate::app::App;
 use crate::auth_limit::{AddrKey, Verdict};
-use crate::store::User;
+use crate::store::{StoreError, User};
 
 /// A JSON response.
 pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseBody> {
@@ -34,14 +34,18 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// The user behind a request's bearer token; otherwise the response to give: 401 (no, invalid
-/// or revoked token), 429 (the address failed authentication too often, see
-/// [`crate::auth_limit`]; the same limiter as the tunnel endpoints) or 500 (store failure).
+/// The user behind a request's bearer token; otherwise the response to give: 401 (no, invalid,
+/// revoked or expired token), 429 (the address failed authentication too often, see
+/// [`crate::auth_limit`]; the same limiter as the tunnel endpoints), 503 (the store is busy) or
+/// 500 (store failure). It only reads the store: the token's use is noted in memory.
 ///
 /// A missing token is not counted as a failure (it guesses nothing); an invalid one is. A token
 /// this process has accepted before skips the limit, so one client's guessing does not lock out
 /// the others behind its NAT address.
-pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Response<ResponseBody>> {
+pub async fn authenticate<B>(
+    app: &App,
+    req: &http::Request<B>,
+) -> Result<User, Response<ResponseBody>> {
     let Some(token) = bearer(req.headers()) else {
         return Err(unauthorized("missing bearer token"));
     };
@@ -55,7 +59,7 @@ pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Respon
             return Err(too_many_failures(addr, retry_after));
         }
     }
-    match app.store.authenticate(token) {
+    match app.store.authenticate(token).await {
         Ok(Some(user)) => {
             app.known_good.insert(token, now);
             Ok(user)
@@ -67,9 +71,9 @@ pub fn authenticate<B>(app: &App, req: &http::Request<B>) -> Result<User, Respon
                 app.auth_limiter.record_failure(addr, now);
                 app.metrics.set_auth_limit_addresses(app.auth_limiter.len());
             }
-            Err(unauthorized("invalid or revoked token"))
+            Err(unauthorized("invalid, revoked or expired token"))
         }
-        Err(err) => Err(internal(&err)),
+        Err(err) => Err(store_failure(&err)),
     }
 }
 
@@ -137,6 +141,21 @@ pub fn unauthorized(msg: &str) -> Response<ResponseBody> {
 pub fn internal(err: &dyn std::fmt::Display) -> Response<ResponseBody> {
     tracing::error!(error = %err, "internal error");
     text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+}
+
+/// The answer to a failed store call: 503 with `Retry-After: 1` when the store is busy (its
+/// queue is full), else 500.
+pub fn store_failure(err: &StoreError) -> Response<ResponseBody> {
+    match err {
+        StoreError::Busy { .. } => {
+            tracing::warn!(error = %err, "store busy: request refused");
+            let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "store busy, retry later");
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+        other => internal(other),
+    }
 }
 
 /// Empty-bodied response with a status.

@@ -2,6 +2,11 @@
 
 use serde_json::Value;
 
+/// Lifetime of the API token `tunnel-server kubeconfig` mints unless `--ttl` says otherwise
+/// (`--ttl 0`: never expires). A kubeconfig file is copied around and forgotten; a month bounds
+/// what a lost one can do, and the user asks for a new one.
+pub const DEFAULT_TOKEN_TTL: &str = "30d";
+
 /// A kubeconfig (YAML; every value a JSON-quoted string) for `server_url/k8s/clusters/<id>`,
 /// trusting `cacerts` (empty: the system roots) and authenticating with `token`.
 pub fn render(

@@ -10,7 +10,7 @@
 //!                                  │
 //!   kubectl ──https /k8s/clusters/<id>/…──▶ routes ──▶ proxy::kube ──registry.open(tcp)──▶ TLS ──▶ apiserver
 //!   docker  ──https /docker/nodes/<id>/…──▶ routes ──▶ proxy::docker ──registry.open(unix)──▶ dockerd
-//!   admin   ──https /v1/…──▶ api ──▶ Store (SQLite)
+//!   admin   ──https /v1/…──▶ api ──▶ StoreHandle (blocking pool, bounded) ──▶ Store (SQLite)
 //! ```
 //!
 //! Start with [`server::Server`]; the binary's `main.rs` is the CLI.
@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth_limit;
 pub mod http_util;
 pub mod import;

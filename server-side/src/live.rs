@@ -254,18 +254,18 @@ fn revoked(store: &dyn Store, authority: &Authority) -> Result<Option<String>, S
 
 /// Checks every live authority against the store and cuts what lost it; closes the tunnels
 /// of clusters that no longer exist (even a session registered some other way). Returns how
-/// many things were cut.
-pub fn reconcile(app: &SharedApp) -> Result<usize, StoreError> {
+/// many things were cut. Blocking: call it off the runtime.
+pub fn reconcile(app: &SharedApp, store: &dyn Store) -> Result<usize, StoreError> {
     let mut cut = 0;
     for authority in app.live.authorities() {
-        if let Some(reason) = revoked(app.store.as_ref(), &authority)? {
+        if let Some(reason) = revoked(store, &authority)? {
             for what in app.live.cut(&authority) {
                 cut += 1;
                 tracing::info!(target: "audit", what = %what, reason = %reason, "cut: its authority was revoked");
             }
         }
     }
-    let clusters: HashSet<String> = app.store.clusters()?.into_iter().map(|c| c.id).collect();
+    let clusters: HashSet<String> = store.clusters()?.into_iter().map(|c| c.id).collect();
     for key in app.registry.list_clients() {
         let k = key.as_str();
         let cluster = k
@@ -281,7 +281,8 @@ pub fn reconcile(app: &SharedApp) -> Result<usize, StoreError> {
 }
 
 /// Reconciles at once after [`Live::changed`], and whenever the store's revision moves
-/// (polled every [`POLL_INTERVAL`]), until `shutdown`. Store calls run on the blocking pool.
+/// (polled every [`POLL_INTERVAL`]), until `shutdown`. Store calls run in the store's read
+/// lane, off the runtime.
 pub async fn run(app: SharedApp, shutdown: CancellationToken) {
     let mut last_revision = None;
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
@@ -294,20 +295,22 @@ pub async fn run(app: SharedApp, shutdown: CancellationToken) {
         };
         let task_app = app.clone();
         let previous = last_revision;
-        let outcome = tokio::task::spawn_blocking(move || {
-            let revision = task_app.store.revision()?;
-            if notified || previous != Some(revision) {
-                reconcile(&task_app)?;
-            }
-            Ok::<_, StoreError>(revision)
-        })
-        .await;
+        let outcome = app
+            .store
+            .read_with(move |store| {
+                let revision = store.revision()?;
+                if notified || previous != Some(revision) {
+                    reconcile(&task_app, store)?;
+                }
+                Ok::<_, StoreError>(revision)
+            })
+            .await
+            .and_then(|r| r);
         match outcome {
-            Ok(Ok(revision)) => last_revision = Some(revision),
-            Ok(Err(err)) => {
+            Ok(revision) => last_revision = Some(revision),
+            Err(err) => {
                 tracing::warn!(error = %err, "cannot check live tunnels and requests against the store")
             }
-            Err(err) => tracing::error!(error = %err, "revocation check failed"),
         }
     }
 }

@@ -5,19 +5,21 @@
 //! tunnel-server [--data-dir DIR] cluster add NAME | cluster list | cluster rm CLUSTER
 //! tunnel-server [--data-dir DIR] cluster token CLUSTER [--new | --revoke TOKEN]
 //! tunnel-server [--data-dir DIR] user add NAME [--admin] [--group G]... | user list
-//! tunnel-server [--data-dir DIR] token add USER
+//! tunnel-server [--data-dir DIR] token add USER [--ttl 24h] | token list [--user USER] | token revoke ID
 //! tunnel-server [--data-dir DIR] grant USER CLUSTER
-//! tunnel-server [--data-dir DIR] kubeconfig CLUSTER --user USER
+//! tunnel-server [--data-dir DIR] kubeconfig CLUSTER --user USER [--ttl 30d]
 //! ```
 //!
 //! The admin commands work on the store directly (the server may be running: SQLite handles
-//! the concurrency).
+//! the concurrency). Each one that changes something logs an audit line (target `audit`, on
+//! stderr) naming `cli:<OS user>`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use server_side::audit::{self, Mutation, Outcome};
 use server_side::server::{self, ServeConfig, Server, TlsSource};
 use server_side::store::{SqliteStore, Store};
 use tokio_util::sync::CancellationToken;
@@ -61,13 +63,17 @@ enum Command {
         /// Cluster name or id.
         cluster: String,
     },
-    /// Print a kubeconfig for a cluster through this server, with a new API token of the user.
+    /// Print a kubeconfig for a cluster through this server, with a new API token of the user
+    /// that expires after 30 days unless --ttl says otherwise.
     Kubeconfig {
         /// Cluster name or id.
         cluster: String,
         /// User name or id.
         #[arg(long)]
         user: String,
+        /// Lifetime of the kubeconfig's token: 90m, 24h, 30d, ...; 0 or never: no expiry.
+        #[arg(long, default_value = server_side::kubeconfig::DEFAULT_TOKEN_TTL)]
+        ttl: String,
         /// Server URL (default: the one the server last started with).
         #[arg(long)]
         server_url: Option<String>,
@@ -185,9 +191,23 @@ enum UserCmd {
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Create another API token for a user; prints it once.
+    #[command(visible_alias = "create")]
     Add {
         /// User name or id.
         user: String,
+        /// Lifetime: 90m, 24h, 30d, ...; 0 or never (the default): no expiry.
+        #[arg(long, default_value = "never")]
+        ttl: String,
+        /// Free text shown by `token list`.
+        #[arg(long, default_value = "created with the CLI")]
+        description: String,
+    },
+    /// List API tokens with their expiry and last use (a running server records uses every
+    /// few seconds).
+    List {
+        /// Only this user's (name or id).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Revoke an API token (token-xxxxx).
     Revoke {
@@ -300,13 +320,111 @@ async fn signals(shutdown: CancellationToken) {
     std::process::exit(130);
 }
 
+/// What an admin command changes, as its audit line names it (before it runs).
+fn mutation_of(command: &Command) -> Option<Mutation> {
+    Some(match command {
+        Command::Serve(_)
+        | Command::Cluster(ClusterCmd::List)
+        | Command::User(UserCmd::List)
+        | Command::Token(TokenCmd::List { .. }) => return None,
+        Command::Cluster(ClusterCmd::Token {
+            cluster,
+            new,
+            revoke,
+            ..
+        }) => match (new, revoke) {
+            (_, Some(token)) => Mutation::new(
+                "delete",
+                "registration-token",
+                format!("{cluster} {}", audit::redact(token)),
+            ),
+            (true, None) => Mutation::new("create", "registration-token", cluster.clone()),
+            (false, None) => return None,
+        },
+        Command::Cluster(ClusterCmd::Add { name, .. }) => {
+            Mutation::new("create", "cluster", name.clone())
+        }
+        Command::Cluster(ClusterCmd::Rm { cluster }) => {
+            Mutation::new("delete", "cluster", cluster.clone())
+        }
+        Command::User(UserCmd::Add { name, .. }) => Mutation::new("create", "user", name.clone()),
+        Command::Token(TokenCmd::Add { user, .. }) => {
+            Mutation::new("create", "api-token", format!("for {user}"))
+        }
+        Command::Token(TokenCmd::Revoke { id }) => Mutation::new("revoke", "api-token", id.clone()),
+        Command::Grant { user, cluster } => {
+            Mutation::new("create", "grant", format!("{user} {cluster}"))
+        }
+        Command::Kubeconfig { cluster, user, .. } => Mutation::new(
+            "create",
+            "api-token",
+            format!("for {user} (kubeconfig of {cluster})"),
+        ),
+    })
+}
+
+/// Runs an admin command and logs its audit line.
 fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let mutation = mutation_of(&command);
+    let mut target = mutation.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+    let result = run_admin(data_dir, command, &mut target);
+    if let Some(mut m) = mutation {
+        m.id = target;
+        let (outcome, detail) = match &result {
+            Ok(()) => (Outcome::Ok, "-".to_owned()),
+            Err(err) => (Outcome::Failed, format!("{err:#}")),
+        };
+        audit::log(&audit::cli_user(), "cli", &m, outcome, &detail);
+    }
+    result
+}
+
+/// Unix seconds `ttl` from now, or `None` for no expiry.
+fn expiry(ttl: &str) -> anyhow::Result<Option<i64>> {
+    let ttl = server_side::tokens::parse_ttl(ttl).map_err(anyhow::Error::msg)?;
+    Ok(ttl.map(|d| now_unix() + d.as_secs() as i64))
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `2026-12-07T16:34:10Z` (UTC) of Unix seconds.
+fn utc(ts: i64) -> String {
+    // Howard Hinnant's days-to-civil algorithm.
+    let (days, secs) = (ts.div_euclid(86_400), ts.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+fn run_admin(
+    data_dir: &std::path::Path,
+    command: Command,
+    target: &mut String,
+) -> anyhow::Result<()> {
     let store = server::open_store(data_dir)?;
     match command {
         Command::Serve(_) => unreachable!("handled by main"),
         Command::Cluster(ClusterCmd::Add { name, server_url }) => {
             let url = server_url_of(&store, server_url)?;
             let (cluster, token) = store.create_cluster(&name)?;
+            *target = format!("{} ({})", cluster.id, cluster.name);
             println!("cluster {} created as {}", cluster.name, cluster.id);
             println!("import it by running, in the cluster:");
             println!(
@@ -329,6 +447,7 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             let c = store
                 .cluster_by_id_or_name(&cluster)?
                 .with_context(|| format!("cluster {cluster} not found"))?;
+            *target = format!("{} ({})", c.id, c.name);
             store.delete_cluster(&c.id)?;
             println!("cluster {} ({}) deleted", c.name, c.id);
         }
@@ -351,6 +470,7 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             let url = server_url_of(&store, server_url)?;
             if new {
                 let t = store.create_registration_token(&c.id)?;
+                *target = format!("{} {}", c.id, audit::redact(&t.token));
                 println!(
                     "{}",
                     server_side::import::import_command(&url, &t.token, &c.id)
@@ -370,7 +490,8 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             groups,
         }) => {
             let user = store.create_user(&name, &groups, admin)?;
-            let (_, value) = store.create_api_token(&user.id, "created with the user")?;
+            *target = format!("{} ({})", user.id, user.name);
+            let (_, value) = store.create_api_token(&user.id, "created with the user", None)?;
             println!("user {} created as {}", user.name, user.id);
             println!("API token (shown once): {value}");
         }
@@ -386,12 +507,58 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Token(TokenCmd::Add { user }) => {
+        Command::Token(TokenCmd::Add {
+            user,
+            ttl,
+            description,
+        }) => {
+            let expires_at = expiry(&ttl)?;
             let u = store
                 .user_by_id_or_name(&user)?
                 .with_context(|| format!("user {user} not found"))?;
-            let (_, value) = store.create_api_token(&u.id, "created with the CLI")?;
+            let (t, value) = store.create_api_token(&u.id, &description, expires_at)?;
+            *target = format!("{} for {}", t.id, u.name);
+            if let Some(at) = expires_at {
+                eprintln!("token {} expires at {}", t.id, utc(at));
+            }
             println!("{value}");
+        }
+        Command::Token(TokenCmd::List { user }) => {
+            let user_id = match user {
+                Some(user) => Some(
+                    store
+                        .user_by_id_or_name(&user)?
+                        .with_context(|| format!("user {user} not found"))?
+                        .id,
+                ),
+                None => None,
+            };
+            let names: std::collections::HashMap<String, String> =
+                store.users()?.into_iter().map(|u| (u.id, u.name)).collect();
+            let now = now_unix();
+            println!(
+                "{:<12} {:<16} {:<20} {:<20} {:<20} {:<8} DESCRIPTION",
+                "ID", "USER", "CREATED", "EXPIRES", "LAST USED", "STATE"
+            );
+            for t in store.api_tokens(user_id.as_deref())? {
+                let state = if t.revoked {
+                    "revoked"
+                } else if t.expired(now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<12} {:<16} {:<20} {:<20} {:<20} {:<8} {}",
+                    t.id,
+                    names.get(&t.user_id).unwrap_or(&t.user_id),
+                    utc(t.created_at),
+                    t.expires_at.map_or_else(|| "never".to_owned(), utc),
+                    t.last_used_at.map_or_else(|| "never".to_owned(), utc),
+                    state,
+                    t.description
+                );
+            }
         }
         Command::Token(TokenCmd::Revoke { id }) => {
             if !store.revoke_api_token(&id)? {
@@ -406,6 +573,7 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             let c = store
                 .cluster_by_id_or_name(&cluster)?
                 .with_context(|| format!("cluster {cluster} not found"))?;
+            *target = format!("{} {}", u.id, c.id);
             store.grant(&u.id, &c.id)?;
             println!(
                 "user {} may now reach cluster {} ({})",
@@ -416,7 +584,9 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             cluster,
             user,
             server_url,
+            ttl,
         } => {
+            let expires_at = expiry(&ttl)?;
             let url = server_url_of(&store, server_url)?;
             let u = store
                 .user_by_id_or_name(&user)?
@@ -424,8 +594,13 @@ fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             let c = store
                 .cluster_by_id_or_name(&cluster)?
                 .with_context(|| format!("cluster {cluster} not found"))?;
-            let (_, token) =
-                store.create_api_token(&u.id, &format!("kubeconfig for {}", c.name))?;
+            let (t, token) =
+                store.create_api_token(&u.id, &format!("kubeconfig for {}", c.name), expires_at)?;
+            *target = format!("{} for {} (kubeconfig of {})", t.id, u.name, c.id);
+            match expires_at {
+                Some(at) => eprintln!("the kubeconfig's token {} expires at {}", t.id, utc(at)),
+                None => eprintln!("the kubeconfig's token {} never expires", t.id),
+            }
             let cacerts = store.setting("cacerts")?.unwrap_or_default();
             print!(
                 "{}",
@@ -440,5 +615,17 @@ fn server_url_of(store: &SqliteStore, flag: Option<String>) -> anyhow::Result<St
     match flag.or(store.setting("server-url")?) {
         Some(url) => Ok(url.trim_end_matches('/').to_owned()),
         None => bail!("no server URL known yet: pass --server-url or start the server once"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_civil_time() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_661_250), "2026-12-07T16:34:10Z");
     }
 }

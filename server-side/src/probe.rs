@@ -111,7 +111,7 @@ pub async fn run(app: SharedApp, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {
-                let clusters = match app.store.clusters() {
+                let clusters = match app.store.clusters().await {
                     Ok(c) => c,
                     Err(err) => {
                         tracing::warn!(error = %err, "cannot list clusters to probe");

@@ -53,7 +53,7 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
         return crate::api::handle(app, req).await;
     }
     if let Some(name) = path.strip_prefix("/v3/import/") {
-        return import(&app, &req, name);
+        return import(&app, &req, name).await;
     }
 
     match (method, path.as_str()) {
@@ -77,7 +77,7 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
             resp
         }
         (_, "/v3/connect/config") => text(StatusCode::NOT_FOUND, "404 page not found"),
-        (Method::GET, "/metrics") => match crate::http_util::authenticate(&app, &req) {
+        (Method::GET, "/metrics") => match crate::http_util::authenticate(&app, &req).await {
             Ok(user) if user.admin => metrics(&app),
             Ok(user) => text(
                 StatusCode::FORBIDDEN,
@@ -153,7 +153,7 @@ fn split_id(s: &str) -> (&str, &str) {
     }
 }
 
-fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<ResponseBody> {
+async fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<ResponseBody> {
     let invalid = || {
         text(
             StatusCode::BAD_REQUEST,
@@ -182,7 +182,7 @@ fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<Resp
     {
         return crate::http_util::too_many_failures(addr, retry_after);
     }
-    match app.store.cluster_for_registration_token(token) {
+    match app.store.cluster_for_registration_token(token).await {
         Ok(Some(owner)) if owner == cluster_id => app.known_good.insert(token, now),
         Ok(_) => {
             app.known_good.remove(token);
@@ -193,7 +193,7 @@ fn import(app: &SharedApp, req: &Request<Incoming>, name: &str) -> Response<Resp
             }
             return invalid();
         }
-        Err(err) => return crate::http_util::internal(&err),
+        Err(err) => return crate::http_util::store_failure(&err),
     }
     let node_agent = req
         .uri()

@@ -18,7 +18,7 @@ use tunnel_proto::{Role, SessionConfig};
 
 use crate::app::{App, AppConfig, SharedApp};
 use crate::auth_limit::{AuthLimitConfig, AuthLimitConfigError};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{LAST_USE_FLUSH_INTERVAL, SqliteStore, Store, StoreError, TokenUseFlusher};
 
 /// The tunnel mount paths.
 pub const MOUNT_PATHS: [&str; 2] = ["/v3/connect", "/v3/connect/register"];
@@ -282,7 +282,7 @@ impl Server {
             acceptor_config,
             move |req: AuthRequest| {
                 let app = auth_app.clone();
-                async move { crate::tunnel_auth::authorize(&app, &req) }
+                async move { crate::tunnel_auth::authorize(&app, &req).await }
             },
             move |tunnel| serve_tunnel(tunnel_app.clone(), tunnel),
             move |req| crate::routes::route(route_app.clone(), req),
@@ -326,8 +326,15 @@ impl Server {
                 background.clone(),
             ));
         }
+        let store = self.app.store.clone();
+        let flusher = TokenUseFlusher::new(store.clone(), LAST_USE_FLUSH_INTERVAL);
+        tokio::spawn(flusher.run(background.clone()));
         self.acceptor.serve(self.listener, shutdown).await;
         background.cancel();
+        // The API-token uses noted since the last flush.
+        if let Err(err) = store.flush_token_uses().await {
+            tracing::warn!(error = %err, "cannot record the last API token uses at shutdown");
+        }
     }
 }
 
@@ -340,14 +347,16 @@ async fn serve_tunnel(app: SharedApp, mut tunnel: AcceptedTunnel) {
         tracing::warn!(%key, remote = %tunnel.remote_addr, "tunnel without a credential: dropped");
         return;
     };
-    if let Err(err) = crate::tunnel_auth::record_params(&app, &key, &tunnel.uri, &tunnel.headers) {
+    if let Err(err) =
+        crate::tunnel_auth::record_params(&app, &key, &tunnel.uri, &tunnel.headers).await
+    {
         tracing::warn!(%key, remote = %tunnel.remote_addr, error = %err, "tunnel params not stored: dropped");
         return;
     }
     let (cut, _live) = app.live.tunnel(&key, &token, &cluster_id, &tunnel.shutdown);
     // The token may have been deleted between the authorization and this registration, when
     // no reconcile could see this session yet.
-    match app.store.cluster_for_registration_token(&token) {
+    match app.store.cluster_for_registration_token(&token).await {
         Ok(Some(owner)) if owner == cluster_id => {}
         _ => cut.cancel(),
     }

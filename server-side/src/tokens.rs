@@ -101,9 +101,50 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// An API token lifetime as the CLI takes it: a whole number and a unit, `s`, `m`, `h` or `d`
+/// (`90m`, `24h`, `30d`); `0` or `never`: no expiry (`Ok(None)`). At most about 100 years.
+pub fn parse_ttl(s: &str) -> Result<Option<std::time::Duration>, String> {
+    let s = s.trim();
+    if s == "0" || s.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    let bad = || format!("invalid lifetime {s:?}: expected e.g. 90m, 24h, 30d, or 0 for never");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n
+        .checked_mul(unit_secs)
+        .filter(|&secs| secs > 0 && secs <= 100 * 366 * 86_400)
+        .ok_or_else(|| {
+            format!("lifetime {s:?} must be between 1s and 100 years, or 0 for never")
+        })?;
+    Ok(Some(std::time::Duration::from_secs(secs)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_parse() {
+        let secs = |s: &str| parse_ttl(s).map(|d| d.map(|d| d.as_secs()));
+        assert_eq!(secs("24h"), Ok(Some(86_400)));
+        assert_eq!(secs("30d"), Ok(Some(30 * 86_400)));
+        assert_eq!(secs("90m"), Ok(Some(5_400)));
+        assert_eq!(secs("45s"), Ok(Some(45)));
+        assert_eq!(secs("0"), Ok(None));
+        assert_eq!(secs("never"), Ok(None));
+        for bad in ["", "h", "24", "1.5h", "-1h", "24H", "0h", "99999999999d"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn tokens_use_the_alphabet() {

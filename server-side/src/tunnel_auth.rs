@@ -178,7 +178,7 @@ fn store_error(err: StoreError) -> String {
 }
 
 /// The MCM authorizer (`mcmauthorizer.AuthorizeTunnel`).
-fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
+async fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
     let token = header(req, TOKEN_HEADER);
     if token.is_empty() {
         return Ok(None);
@@ -186,6 +186,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
     let cluster_id = app
         .store
         .cluster_for_registration_token(token)
+        .await
         .map_err(store_error)?
         .ok_or(Failure::UnknownToken)?;
     let params = parse_params(header(req, PARAMS_HEADER))?;
@@ -195,6 +196,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
         let exists = app
             .store
             .node(&cluster_id, &machine)
+            .await
             .map_err(store_error)?
             .is_some();
         if !register && !exists {
@@ -213,7 +215,7 @@ fn authorize_mcm(app: &App, req: &AuthRequest) -> Outcome {
         // A second session of a cluster must report the same apiserver as the live one: a
         // stolen registration token must not repoint the cluster while its agent is connected.
         if app.has_tunnel(&cluster_id) {
-            let stored = app.store.cluster(&cluster_id).map_err(store_error)?;
+            let stored = app.store.cluster(&cluster_id).await.map_err(store_error)?;
             if let Some(stored) = stored
                 && (stored.api_endpoint.as_deref() != Some(&api_endpoint(&c.address))
                     || stored.ca_cert.as_deref() != Some(c.ca_cert.as_str()))
@@ -273,7 +275,7 @@ pub fn authority_of(key: &ClientKey, headers: &http::HeaderMap) -> Option<(Strin
 /// a registration token changes nothing): a cluster agent's apiserver address, CA and
 /// service-account token, with an audit line when they change (old -> new address); a node
 /// agent's node, created or updated on `/register`.
-pub fn record_params(
+pub async fn record_params(
     app: &App,
     key: &ClientKey,
     uri: &http::Uri,
@@ -295,7 +297,11 @@ pub fn record_params(
         if !uri.path().ends_with("/register") {
             return Ok(());
         }
-        let existing = app.store.node(cluster_id, machine).map_err(store_error)?;
+        let existing = app
+            .store
+            .node(cluster_id, machine)
+            .await
+            .map_err(store_error)?;
         let hostname = node_hostname(&node).to_owned();
         app.store
             .upsert_node(&Node {
@@ -309,6 +315,7 @@ pub fn record_params(
                 created_at: existing.as_ref().map_or_else(now_unix, |n| n.created_at),
                 params: node,
             })
+            .await
             .map_err(store_error)?;
         if existing.is_none() {
             tracing::info!(target: "audit", user = "agent", cluster = %cluster_id, node = %machine, "node registered");
@@ -321,10 +328,11 @@ pub fn record_params(
             ca_cert: c.ca_cert,
             sa_token: c.token.trim().to_owned(),
         };
-        let old = app.store.cluster(cluster_id).map_err(store_error)?;
+        let old = app.store.cluster(cluster_id).await.map_err(store_error)?;
         if app
             .store
             .set_cluster_agent_report(cluster_id, &report)
+            .await
             .map_err(store_error)?
         {
             let old_address = old.as_ref().and_then(|c| c.api_endpoint.clone());
@@ -352,7 +360,7 @@ fn stv_token(req: &AuthRequest) -> &str {
 }
 
 /// The steve cluster-proxy authorizer.
-fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
+async fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
     let token = stv_token(req);
     if token.is_empty() {
         return Ok(None);
@@ -360,6 +368,7 @@ fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
     Ok(app
         .store
         .cluster_for_registration_token(token)
+        .await
         .map_err(store_error)?
         .map(|cluster| stv_key(&cluster)))
 }
@@ -370,7 +379,7 @@ fn authorize_stv(app: &App, req: &AuthRequest) -> Outcome {
 /// only when each of them was accepted before, and each unknown one is a failure, even beside
 /// a valid one (a guessed `stv-cluster-` bearer does not ride along with a stolen registration
 /// token).
-pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
+pub async fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
     let now = Instant::now();
     let addr = AddrKey::of(req.remote_addr.ip());
     // In chain order: what each authorizer checks.
@@ -380,22 +389,22 @@ pub fn authorize(app: &App, req: &AuthRequest) -> Result<ClientKey, Reject> {
     if !all_known && let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::Tunnel) {
         return Err(rate_limited(addr, retry_after));
     }
-    let result = run_chain(app, req);
+    let result = run_chain(app, req).await;
     let used = result.as_ref().ok().map(|(_, used)| credentials[*used]);
     if let Some(used) = used {
         app.known_good.insert(used, now);
     }
     // The chain stops at the first authorizer that authenticates: judge the others too.
-    let unknown: Vec<&str> = presented()
-        .filter(|c| Some(*c) != used)
-        .filter(|c| match app.store.cluster_for_registration_token(c) {
-            Ok(found) => found.is_none(),
+    let mut unknown: Vec<&str> = Vec::new();
+    for c in presented().filter(|c| Some(*c) != used) {
+        match app.store.cluster_for_registration_token(c).await {
+            Ok(None) => unknown.push(c),
+            Ok(Some(_)) => {}
             Err(err) => {
                 store_error(err);
-                false
             }
-        })
-        .collect();
+        }
+    }
     let failure = if presented().count() == 0 {
         Some("missing_credentials")
     } else if !unknown.is_empty() || matches!(result, Err(ChainError::Unauthorized)) {
@@ -445,10 +454,14 @@ enum ChainError {
 
 /// The chain itself: the first authorizer that authenticates wins (its key and index are
 /// returned), else the first error.
-fn run_chain(app: &App, req: &AuthRequest) -> Result<(ClientKey, usize), ChainError> {
+async fn run_chain(app: &App, req: &AuthRequest) -> Result<(ClientKey, usize), ChainError> {
     let mut first_error = None;
-    for (i, authorizer) in [authorize_mcm, authorize_stv].into_iter().enumerate() {
-        match authorizer(app, req) {
+    for i in 0..2 {
+        let outcome = match i {
+            0 => authorize_mcm(app, req).await,
+            _ => authorize_stv(app, req).await,
+        };
+        match outcome {
             Ok(Some(key)) => {
                 // Refuse before the upgrade what the registry would refuse after it.
                 check_client_key(&key).map_err(|e| ChainError::BadRequest(e.to_string()))?;
@@ -545,8 +558,8 @@ mod tests {
         matches!(r, Err(Reject::TooManyRequests { message, .. }) if message.starts_with("too many failed authentications"))
     }
 
-    #[test]
-    fn only_credential_failures_take_from_the_budget() {
+    #[tokio::test]
+    async fn only_credential_failures_take_from_the_budget() {
         let (app, token) = app(2);
         let cluster = b64(r#"{"cluster":{"address":"a:1","token":"t","caCert":"c"}}"#);
         let bad_params = b64(r#"{"cluster":{}}"#);
@@ -556,7 +569,8 @@ mod tests {
             let r = authorize(
                 &app,
                 &request(a, &[(TOKEN_HEADER, &token), (PARAMS_HEADER, &bad_params)]),
-            );
+            )
+            .await;
             assert_eq!(
                 r,
                 Err(Reject::BadRequest(
@@ -565,17 +579,18 @@ mod tests {
             );
         }
         // Two failures use the budget of 2; the third request is refused unlooked.
-        let r = authorize(&app, &request(a, &[]));
+        let r = authorize(&app, &request(a, &[])).await;
         assert_eq!(r, Err(Reject::Unauthorized));
         let r = authorize(
             &app,
             &request(a, &[(TOKEN_HEADER, "nope"), (PARAMS_HEADER, &cluster)]),
-        );
+        )
+        .await;
         assert_eq!(r, Err(Reject::BadRequest("cluster not found".to_owned())));
-        assert!(limited(&authorize(&app, &request(a, &[]))));
+        assert!(limited(&authorize(&app, &request(a, &[])).await));
         // Another address is not affected.
         assert_eq!(
-            authorize(&app, &request("192.0.2.2", &[])),
+            authorize(&app, &request("192.0.2.2", &[])).await,
             Err(Reject::Unauthorized)
         );
         // A correct token not yet seen waits too; once accepted (from elsewhere), it skips the
@@ -584,9 +599,9 @@ mod tests {
             (TOKEN_HEADER, token.as_str()),
             (PARAMS_HEADER, cluster.as_str()),
         ];
-        assert!(limited(&authorize(&app, &request(a, &good))));
-        assert!(authorize(&app, &request("192.0.2.3", &good)).is_ok());
-        assert!(authorize(&app, &request(a, &good)).is_ok());
+        assert!(limited(&authorize(&app, &request(a, &good)).await));
+        assert!(authorize(&app, &request("192.0.2.3", &good)).await.is_ok());
+        assert!(authorize(&app, &request(a, &good)).await.is_ok());
         // A guessed steve bearer beside a valid registration token (with bad params, so that
         // the chain's first authorizer fails without judging the bearer) costs, from a fresh
         // address with a budget of 2, and the known-good token does not let it skip the limit.
@@ -597,23 +612,30 @@ mod tests {
             ("authorization", "Bearer stv-cluster-guess"),
         ];
         assert!(matches!(
-            authorize(&app, &request(b, &guess)),
+            authorize(&app, &request(b, &guess)).await,
             Err(Reject::BadRequest(_))
         ));
         assert!(matches!(
-            authorize(&app, &request(b, &guess)),
+            authorize(&app, &request(b, &guess)).await,
             Err(Reject::BadRequest(_))
         ));
-        assert!(limited(&authorize(&app, &request(b, &guess))));
+        assert!(limited(&authorize(&app, &request(b, &guess)).await));
         // The known-good token alone still goes through from there.
-        assert!(authorize(&app, &request(b, &good)).is_ok());
+        assert!(authorize(&app, &request(b, &good)).await.is_ok());
         // The steve bearer is a credential too.
         let stv = format!("Bearer {STV_BEARER_PREFIX}{token}");
-        assert!(limited(&authorize(
-            &app,
-            &request(a, &[("authorization", "Bearer stv-cluster-x")])
-        )));
-        assert!(authorize(&app, &request(a, &[("authorization", &stv)])).is_ok());
+        assert!(limited(
+            &authorize(
+                &app,
+                &request(a, &[("authorization", "Bearer stv-cluster-x")])
+            )
+            .await
+        ));
+        assert!(
+            authorize(&app, &request(a, &[("authorization", &stv)]))
+                .await
+                .is_ok()
+        );
         let m = app.metrics.render(&app.registry, app.upstreams.live());
         assert!(
             m.contains("tunnel_server_agent_auth_failures_total{reason=\"missing_credentials\"} 2"),

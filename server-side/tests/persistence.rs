@@ -102,7 +102,8 @@ async fn records_survive_sigterm_and_kill_9() {
                 "/v1/tokens",
             ] {
                 let mut v = http.api("GET", path, &admin, None).await.json();
-                // Live state is not a record.
+                // Live state is not a record; a token's last use moves with these very
+                // requests (checked on its own below).
                 for item in v["items"].as_array_mut().unwrap() {
                     for live in [
                         "tunnel",
@@ -110,6 +111,7 @@ async fn records_survive_sigterm_and_kill_9() {
                         "connected",
                         "connectedMessage",
                         "checkedAt",
+                        "lastUsedAt",
                     ] {
                         item.as_object_mut().unwrap().remove(live);
                     }
@@ -126,6 +128,16 @@ async fn records_survive_sigterm_and_kill_9() {
         println!("SIGTERM exit: {status}");
         assert!(status.success(), "exit status after SIGTERM: {status}");
         drop((agent, node_agent));
+        // The admin token's uses, noted in memory, were written at shutdown.
+        let listed = cli(dir.path(), &["token", "list", "--user", "root"]);
+        println!("{listed}");
+        let row = listed.lines().nth(1).expect("the admin's token");
+        // ID USER CREATED EXPIRES LAST-USED STATE DESCRIPTION
+        let last_used = row.split_whitespace().nth(4).unwrap();
+        assert_ne!(
+            last_used, "never",
+            "last use not recorded at shutdown: {row}"
+        );
 
         // Restart, write one more thing, then kill -9 right after it was acknowledged.
         let server = ServerProc::start(dir.path());

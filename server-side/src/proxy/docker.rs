@@ -18,7 +18,7 @@ use tunnel_proto::driver::acceptor::{ClientKey, ResponseBody};
 use super::pool::current_session;
 use super::{Audit, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
-use crate::http_util::{internal, text};
+use crate::http_util::{store_failure, text};
 
 /// Serves one request for node `node_id`; `rest` is the path after the prefix.
 pub async fn handle(
@@ -27,11 +27,11 @@ pub async fn handle(
     node_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let (mut audit, user) = match Audit::authenticate(&app, &req, "docker", node_id) {
+    let (mut audit, user) = match Audit::authenticate(&app, &req, "docker", node_id).await {
         Ok(started) => started,
         Err(resp) => return resp,
     };
-    let node = match crate::store::resolve_node(app.store.as_ref(), node_id) {
+    let node = match app.store.resolve_node(node_id).await {
         Ok(Some(node)) => node,
         Ok(None) => {
             return audit.respond(text(
@@ -39,10 +39,10 @@ pub async fn handle(
                 format!("node {node_id} not found"),
             ));
         }
-        Err(err) => return audit.respond(internal(&err)),
+        Err(err) => return audit.respond(store_failure(&err)),
     };
     audit.reaches_cluster(&node.cluster_id);
-    match app.store.is_granted(&user.id, &node.cluster_id) {
+    match app.store.is_granted(&user.id, &node.cluster_id).await {
         Ok(true) => {}
         Ok(false) if user.admin => {}
         Ok(false) => {
@@ -54,7 +54,7 @@ pub async fn handle(
                 ),
             ));
         }
-        Err(err) => return audit.respond(internal(&err)),
+        Err(err) => return audit.respond(store_failure(&err)),
     }
     let rest = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match req.uri().query() {

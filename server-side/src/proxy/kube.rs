@@ -20,7 +20,7 @@ use tunnel_proto::mux::StreamError;
 use super::pool::{current_session, usable_sessions};
 use super::{Audit, Fresh, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
-use crate::http_util::{internal, text};
+use crate::http_util::{store_failure, text};
 use crate::store::Cluster;
 
 /// Bound on the TLS handshake with the apiserver through the tunnel.
@@ -34,11 +34,11 @@ pub async fn handle(
     cluster_id: &str,
     rest: &str,
 ) -> Response<ResponseBody> {
-    let (mut audit, user) = match Audit::authenticate(&app, &req, "k8s", cluster_id) {
+    let (mut audit, user) = match Audit::authenticate(&app, &req, "k8s", cluster_id).await {
         Ok(started) => started,
         Err(resp) => return resp,
     };
-    let cluster = match app.store.cluster(cluster_id) {
+    let cluster = match app.store.cluster(cluster_id).await {
         Ok(Some(c)) => c,
         Ok(None) => {
             return audit.respond(text(
@@ -46,10 +46,10 @@ pub async fn handle(
                 format!("cluster {cluster_id} not found"),
             ));
         }
-        Err(err) => return audit.respond(internal(&err)),
+        Err(err) => return audit.respond(store_failure(&err)),
     };
     audit.reaches_cluster(cluster_id);
-    match app.store.is_granted(&user.id, cluster_id) {
+    match app.store.is_granted(&user.id, cluster_id).await {
         Ok(true) => {}
         Ok(false) if user.admin => {}
         Ok(false) => {
@@ -58,7 +58,7 @@ pub async fn handle(
                 format!("user {} has no access to cluster {cluster_id}", user.name),
             ));
         }
-        Err(err) => return audit.respond(internal(&err)),
+        Err(err) => return audit.respond(store_failure(&err)),
     }
     let target = match Target::of(&cluster) {
         Ok(t) => t,

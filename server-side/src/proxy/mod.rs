@@ -149,7 +149,7 @@ impl Audit {
 
     /// Starts the record of a proxied request and authenticates its user: the audit record
     /// (naming the user) and the user, or the response already given (401, 429, 500).
-    pub fn authenticate<B>(
+    pub async fn authenticate<B>(
         app: &SharedApp,
         req: &Request<B>,
         kind: &'static str,
@@ -166,7 +166,7 @@ impl Audit {
             );
             audit.live = Some(app.live.request(bearer, what));
         }
-        match crate::http_util::authenticate(app, req) {
+        match crate::http_util::authenticate(app, req).await {
             Ok(user) => {
                 audit.set_user(&user.name);
                 Ok((audit, user))

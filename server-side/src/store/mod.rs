@@ -1,16 +1,30 @@
 //! Durable state: clusters, registration tokens, nodes, users, API tokens, grants, the server's
 //! PKI and a few settings.
 //!
-//! [`Store`] is the interface the server uses; [`SqliteStore`] is the embedded implementation
-//! (one SQLite file in WAL mode, schema migrations in code). Every call is a short local
-//! transaction, so callers on the async runtime call it directly.
+//! [`Store`] is the synchronous interface (the CLI, tests and other backends implement or use
+//! it); [`SqliteStore`] is the embedded implementation (one SQLite file in WAL mode, one writer
+//! connection and a few reader connections, schema migrations in code).
+//!
+//! Code on the async runtime never calls a [`Store`] directly: a call can wait up to the busy
+//! timeout on another process's write lock (the admin CLI). It goes through a [`StoreHandle`],
+//! which runs each call on tokio's blocking pool in one of two lanes (reads, writes), each with
+//! a bound on calls running and waiting; a call beyond it fails at once with
+//! [`StoreError::Busy`] (503 to clients) instead of queueing without bound.
+//!
+//! ```text
+//!   handler ──await──▶ StoreHandle ──read lane (4 running, 256 waiting)──▶ spawn_blocking ──▶ reader connections
+//!                                 └─write lane (1 running, 256 waiting)──▶ spawn_blocking ──▶ the writer connection
+//!   authenticate ─▶ last use noted in memory ─(every 5 s, and at shutdown)─▶ write lane
+//! ```
 //!
 //! Secrets: registration tokens are kept as given, because agents send them verbatim and a
 //! Go agent's token must match byte for byte; API tokens are kept only as SHA-256 hashes and
 //! compared in constant time.
 
+mod handle;
 mod sqlite;
 
+pub use handle::{LAST_USE_FLUSH_INTERVAL, StoreHandle, StoreLimits, TokenUseFlusher};
 pub use sqlite::SqliteStore;
 
 use serde::Serialize;
@@ -31,6 +45,15 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// Too many calls are already running or waiting in this lane of a [`StoreHandle`]; the
+    /// caller should answer 503 and let the client retry.
+    #[error("store busy: {limit} {lane} calls already running or queued")]
+    Busy {
+        /// `read` or `write`.
+        lane: &'static str,
+        /// The lane's bound (running plus waiting).
+        limit: usize,
+    },
     /// The database was written by a newer version of this program.
     #[error("database schema version {found} is newer than this program's {supported}")]
     TooNew {
@@ -144,6 +167,18 @@ pub struct ApiToken {
     pub created_at: i64,
     /// Revoked tokens authenticate nobody.
     pub revoked: bool,
+    /// Unix seconds after which the token authenticates nobody; `None`: never expires.
+    pub expires_at: Option<i64>,
+    /// Unix seconds of the last successful authentication, as last flushed (the server keeps
+    /// recent uses in memory and writes them every few seconds); `None`: never used.
+    pub last_used_at: Option<i64>,
+}
+
+impl ApiToken {
+    /// Whether the token has expired at `now` (Unix seconds).
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// A user's access to a cluster (its API and its nodes' Docker APIs).
@@ -230,11 +265,20 @@ pub trait Store: Send + Sync + 'static {
     fn users(&self) -> Result<Vec<User>>;
     /// Deletes a user, their tokens and grants; false if there was none.
     fn delete_user(&self, id: &str) -> Result<bool>;
-    /// Creates an API token; returns it and the bearer value `token-xxxxx:<secret>`, which is
-    /// not kept.
-    fn create_api_token(&self, user_id: &str, description: &str) -> Result<(ApiToken, String)>;
-    /// The user a bearer value authenticates (not revoked, hash matches), if any.
+    /// Creates an API token that expires at `expires_at` (Unix seconds; `None`: never);
+    /// returns it and the bearer value `token-xxxxx:<secret>`, which is not kept.
+    fn create_api_token(
+        &self,
+        user_id: &str,
+        description: &str,
+        expires_at: Option<i64>,
+    ) -> Result<(ApiToken, String)>;
+    /// The user a bearer value authenticates (hash matches, not revoked, not expired), if any.
+    /// Only reads: the caller records the use (see [`Store::record_api_token_uses`]).
     fn authenticate(&self, bearer: &str) -> Result<Option<User>>;
+    /// Records when tokens were last used: `(token id, Unix seconds)`; a time older than the
+    /// stored one and an unknown id are ignored. One transaction for the batch.
+    fn record_api_token_uses(&self, uses: &[(String, i64)]) -> Result<()>;
     /// All API tokens, or those of one user.
     fn api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiToken>>;
     /// Revokes a token; false if there was none.

@@ -4,9 +4,16 @@
 //! A committed transaction survives the process being killed (`kill -9`): WAL with
 //! `synchronous=FULL` syncs the log on every commit. Other processes (the CLI while the server
 //! runs) may open the same file; writers wait up to 5 s for each other.
+//!
+//! Connections: one writer, behind a mutex, for every call that writes; and a small pool of
+//! reader connections ([`READERS`]) for every call that only reads. In WAL mode a reader sees
+//! the last commit and never waits for a writer, so a read does not queue behind a write that
+//! waits for another process's lock. An in-memory database (tests) has no readers: every call
+//! uses the writer.
 
+use std::ops::Deref;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -80,15 +87,70 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     ",
+    // 2: API token expiry and last use.
+    "
+    ALTER TABLE api_tokens ADD COLUMN expires_at INTEGER;
+    ALTER TABLE api_tokens ADD COLUMN last_used_at INTEGER;
+    ",
 ];
+
+/// Reader connections of a file database.
+pub(crate) const READERS: usize = 4;
+
+/// How long a connection waits for another connection's (or process's) lock before the call
+/// fails with `SQLITE_BUSY`.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The embedded store. See the module docs.
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    writer: Mutex<Connection>,
+    /// Empty for an in-memory database.
+    readers: ReaderPool,
     /// A connection of its own for [`Store::revision`]: SQLite's `data_version` only moves for
     /// commits made by *other* connections, so this one sees this process's writes as well as
     /// the CLI's. None for an in-memory database (no other connection can open it).
     watch: Option<Mutex<Connection>>,
+}
+
+/// Idle reader connections; a caller takes one and gives it back when done.
+struct ReaderPool {
+    idle: Mutex<Vec<Connection>>,
+    returned: Condvar,
+    size: usize,
+}
+
+/// A connection for one read call: a pooled reader, or the writer when there are none.
+enum ReadConn<'a> {
+    Pooled {
+        pool: &'a ReaderPool,
+        conn: Option<Connection>,
+    },
+    Writer(MutexGuard<'a, Connection>),
+}
+
+impl Deref for ReadConn<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            Self::Pooled { conn, .. } => conn.as_ref().expect("taken until drop"),
+            Self::Writer(guard) => guard,
+        }
+    }
+}
+
+impl Drop for ReadConn<'_> {
+    fn drop(&mut self) {
+        if let Self::Pooled { pool, conn } = self {
+            if let Some(conn) = conn.take() {
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(conn);
+                pool.returned.notify_one();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -98,43 +160,83 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file at `path` and migrates it.
+    /// Opens (creating if needed) the database file at `path`, migrates it, and opens
+    /// [`READERS`] reader connections.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
-        let mut store = Self::init(conn)?;
+        let writer = Self::init(Connection::open(path)?)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            // A guard against a write slipping onto a reader.
+            conn.execute_batch("PRAGMA query_only=ON; PRAGMA foreign_keys=ON;")?;
+            readers.push(conn);
+        }
         let watch = Connection::open(path)?;
-        watch.busy_timeout(Duration::from_secs(5))?;
-        store.watch = Some(Mutex::new(watch));
-        Ok(store)
+        watch.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(Self {
+            watch: Some(Mutex::new(watch)),
+            writer: Mutex::new(writer),
+            readers: ReaderPool {
+                size: readers.len(),
+                idle: Mutex::new(readers),
+                returned: Condvar::new(),
+            },
+        })
     }
 
-    /// An in-memory database (tests).
+    /// An in-memory database (tests); every call uses its one connection.
     pub fn open_in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
+        Ok(Self {
+            watch: None,
+            writer: Mutex::new(Self::init(Connection::open_in_memory()?)?),
+            readers: ReaderPool {
+                idle: Mutex::new(Vec::new()),
+                returned: Condvar::new(),
+                size: 0,
+            },
+        })
     }
 
-    fn init(mut conn: Connection) -> Result<Self> {
-        conn.busy_timeout(Duration::from_secs(5))?;
+    fn init(mut conn: Connection) -> Result<Connection> {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         // journal_mode answers with a row; in-memory databases stay "memory".
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         migrate(&mut conn)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-            watch: None,
-        })
+        Ok(conn)
     }
 
+    /// The writer connection.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic mid-call leaves SQLite's own transaction state consistent (an open
         // transaction is rolled back when its guard drops).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection for a call that only reads: an idle reader (waiting for one to come back
+    /// when all are busy), or the writer of an in-memory database.
+    fn read(&self) -> ReadConn<'_> {
+        let pool = &self.readers;
+        if pool.size == 0 {
+            return ReadConn::Writer(self.conn());
+        }
+        let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(conn) = idle.pop() {
+                return ReadConn::Pooled {
+                    pool,
+                    conn: Some(conn),
+                };
+            }
+            idle = pool.returned.wait(idle).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The schema version of the open database.
     pub fn schema_version(&self) -> Result<i64> {
         Ok(self
-            .conn()
+            .read()
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))?)
     }
 }
@@ -219,7 +321,7 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
-const TOKEN_COLS: &str = "id, user_id, description, created_at, revoked";
+const TOKEN_COLS: &str = "id, user_id, description, created_at, revoked, expires_at, last_used_at";
 
 fn token_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
     Ok(ApiToken {
@@ -228,6 +330,8 @@ fn token_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
         description: r.get(2)?,
         created_at: r.get(3)?,
         revoked: r.get(4)?,
+        expires_at: r.get(5)?,
+        last_used_at: r.get(6)?,
     })
 }
 
@@ -283,7 +387,7 @@ impl Store for SqliteStore {
 
     fn cluster(&self, id: &str) -> Result<Option<Cluster>> {
         Ok(self
-            .conn()
+            .read()
             .query_row(
                 &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE id = ?1"),
                 [id],
@@ -294,7 +398,7 @@ impl Store for SqliteStore {
 
     fn cluster_by_id_or_name(&self, id_or_name: &str) -> Result<Option<Cluster>> {
         Ok(self
-            .conn()
+            .read()
             .query_row(
                 &format!(
                     "SELECT {CLUSTER_COLS} FROM clusters WHERE id = ?1 OR name = ?1 \
@@ -307,7 +411,7 @@ impl Store for SqliteStore {
     }
 
     fn clusters(&self) -> Result<Vec<Cluster>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!(
             "SELECT {CLUSTER_COLS} FROM clusters ORDER BY name"
         ))?;
@@ -335,7 +439,7 @@ impl Store for SqliteStore {
         // decision independent of how many leading bytes matched (SQLite's own comparison
         // is not constant-time, but it only ever sees the exact token).
         let found: Option<(String, String)> = self
-            .conn()
+            .read()
             .query_row(
                 "SELECT token, cluster_id FROM registration_tokens WHERE token = ?1",
                 [token],
@@ -348,7 +452,7 @@ impl Store for SqliteStore {
     }
 
     fn registration_tokens(&self, cluster_id: &str) -> Result<Vec<RegistrationToken>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(
             "SELECT token, cluster_id, created_at FROM registration_tokens \
              WHERE cluster_id = ?1 ORDER BY created_at, rowid",
@@ -389,7 +493,7 @@ impl Store for SqliteStore {
 
     fn node(&self, cluster_id: &str, id: &str) -> Result<Option<Node>> {
         Ok(self
-            .conn()
+            .read()
             .query_row(
                 &format!("SELECT {NODE_COLS} FROM nodes WHERE cluster_id = ?1 AND id = ?2"),
                 [cluster_id, id],
@@ -399,7 +503,7 @@ impl Store for SqliteStore {
     }
 
     fn nodes_named(&self, id: &str) -> Result<Vec<Node>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!(
             "SELECT {NODE_COLS} FROM nodes WHERE id = ?1 ORDER BY created_at, rowid"
         ))?;
@@ -407,7 +511,7 @@ impl Store for SqliteStore {
     }
 
     fn nodes(&self, cluster_id: Option<&str>) -> Result<Vec<Node>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!(
             "SELECT {NODE_COLS} FROM nodes WHERE ?1 IS NULL OR cluster_id = ?1 \
              ORDER BY cluster_id, hostname"
@@ -416,6 +520,7 @@ impl Store for SqliteStore {
     }
 
     fn upsert_node(&self, node: &Node) -> Result<()> {
+        let params = node.params.to_string();
         self.conn()
             .execute(
                 "INSERT INTO nodes (cluster_id, id, hostname, docker_socket, params, created_at) \
@@ -426,7 +531,7 @@ impl Store for SqliteStore {
                     node.id,
                     node.hostname,
                     node.docker_socket,
-                    node.params.to_string(),
+                    params,
                     node.created_at
                 ],
             )
@@ -475,7 +580,7 @@ impl Store for SqliteStore {
 
     fn user(&self, id: &str) -> Result<Option<User>> {
         Ok(self
-            .conn()
+            .read()
             .query_row(
                 &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
                 [id],
@@ -486,7 +591,7 @@ impl Store for SqliteStore {
 
     fn user_by_id_or_name(&self, id_or_name: &str) -> Result<Option<User>> {
         Ok(self
-            .conn()
+            .read()
             .query_row(
                 &format!(
                     "SELECT {USER_COLS} FROM users WHERE id = ?1 OR name = ?1 \
@@ -499,7 +604,7 @@ impl Store for SqliteStore {
     }
 
     fn users(&self) -> Result<Vec<User>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY name"))?;
         collect(stmt.query_map([], user_row)?)
     }
@@ -511,26 +616,35 @@ impl Store for SqliteStore {
             > 0)
     }
 
-    fn create_api_token(&self, user_id: &str, description: &str) -> Result<(ApiToken, String)> {
+    fn create_api_token(
+        &self,
+        user_id: &str,
+        description: &str,
+        expires_at: Option<i64>,
+    ) -> Result<(ApiToken, String)> {
         let token = ApiToken {
             id: tokens::api_token_id(),
             user_id: user_id.to_owned(),
             description: description.to_owned(),
             created_at: now_unix(),
             revoked: false,
+            expires_at,
+            last_used_at: None,
         };
         let secret = tokens::api_token_secret();
         let hash = tokens::hash_secret(&secret);
         self.conn()
             .execute(
-                "INSERT INTO api_tokens (id, user_id, secret_sha256, description, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO api_tokens \
+                 (id, user_id, secret_sha256, description, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     token.id,
                     token.user_id,
                     &hash[..],
                     token.description,
-                    token.created_at
+                    token.created_at,
+                    token.expires_at
                 ],
             )
             .map_err(|e| match conflict_or(e, String::new) {
@@ -548,18 +662,19 @@ impl Store for SqliteStore {
         if !tokens::valid_id(id) {
             return Ok(None);
         }
-        let conn = self.conn();
-        let found: Option<(Vec<u8>, bool, String)> = conn
+        let conn = self.read();
+        let found: Option<(Vec<u8>, bool, Option<i64>, String)> = conn
             .query_row(
-                "SELECT secret_sha256, revoked, user_id FROM api_tokens WHERE id = ?1",
+                "SELECT secret_sha256, revoked, expires_at, user_id FROM api_tokens WHERE id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((hash, revoked, user_id)) = found else {
+        let Some((hash, revoked, expires_at, user_id)) = found else {
             return Ok(None);
         };
-        if !tokens::verify_secret(secret, &hash) || revoked {
+        let expired = expires_at.is_some_and(|at| at <= now_unix());
+        if !tokens::verify_secret(secret, &hash) || revoked || expired {
             return Ok(None);
         }
         Ok(conn
@@ -572,12 +687,31 @@ impl Store for SqliteStore {
     }
 
     fn api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiToken>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!(
             "SELECT {TOKEN_COLS} FROM api_tokens WHERE ?1 IS NULL OR user_id = ?1 \
              ORDER BY created_at, id"
         ))?;
         collect(stmt.query_map([user_id], token_row)?)
+    }
+
+    fn record_api_token_uses(&self, uses: &[(String, i64)]) -> Result<()> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "UPDATE api_tokens SET last_used_at = ?2 \
+                 WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+            )?;
+            for (id, at) in uses {
+                stmt.execute(params![id, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn revoke_api_token(&self, id: &str) -> Result<bool> {
@@ -622,7 +756,7 @@ impl Store for SqliteStore {
     }
 
     fn grants(&self) -> Result<Vec<Grant>> {
-        let conn = self.conn();
+        let conn = self.read();
         let mut stmt = conn.prepare(
             "SELECT user_id, cluster_id, created_at FROM grants ORDER BY user_id, cluster_id",
         )?;
@@ -636,7 +770,7 @@ impl Store for SqliteStore {
     }
 
     fn is_granted(&self, user_id: &str, cluster_id: &str) -> Result<bool> {
-        Ok(self.conn().query_row(
+        Ok(self.read().query_row(
             "SELECT EXISTS(SELECT 1 FROM grants WHERE user_id = ?1 AND cluster_id = ?2)",
             [user_id, cluster_id],
             |r| r.get(0),
@@ -645,7 +779,7 @@ impl Store for SqliteStore {
 
     fn pki(&self) -> Result<Option<ServerPki>> {
         let row: Option<(String, String, String, String, String)> = self
-            .conn()
+            .read()
             .query_row(
                 "SELECT ca_cert_pem, ca_key_pem, cert_pem, key_pem, sans_json FROM pki WHERE id = 1",
                 [],
@@ -685,7 +819,7 @@ impl Store for SqliteStore {
 
     fn setting(&self, name: &str) -> Result<Option<String>> {
         Ok(self
-            .conn()
+            .read()
             .query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
                 r.get(0)
             })
@@ -801,7 +935,7 @@ mod tests {
         );
 
         let u = store.create_user("alice", &["dev".into()], false).unwrap();
-        let (tok, bearer) = store.create_api_token(&u.id, "cli").unwrap();
+        let (tok, bearer) = store.create_api_token(&u.id, "cli", None).unwrap();
         assert_eq!(store.authenticate(&bearer).unwrap(), Some(u.clone()));
         assert_eq!(
             store.authenticate(&format!("{}:wrong", tok.id)).unwrap(),
@@ -836,5 +970,115 @@ mod tests {
             store.cluster_for_registration_token(&t.token).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn expired_tokens_authenticate_nobody() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let u = store.create_user("eve", &[], false).unwrap();
+        let now = now_unix();
+        let (past, past_bearer) = store.create_api_token(&u.id, "old", Some(now - 1)).unwrap();
+        let (_, future_bearer) = store
+            .create_api_token(&u.id, "new", Some(now + 3600))
+            .unwrap();
+        let (_, forever_bearer) = store.create_api_token(&u.id, "forever", None).unwrap();
+        assert_eq!(store.authenticate(&past_bearer).unwrap(), None);
+        assert_eq!(store.authenticate(&future_bearer).unwrap(), Some(u.clone()));
+        assert_eq!(
+            store.authenticate(&forever_bearer).unwrap(),
+            Some(u.clone())
+        );
+        let listed = store.api_tokens(Some(&u.id)).unwrap();
+        let old = listed.iter().find(|t| t.id == past.id).unwrap();
+        assert_eq!(old.expires_at, Some(now - 1));
+        assert!(old.expired(now) && !old.revoked);
+        assert_eq!(old.last_used_at, None);
+        store
+            .record_api_token_uses(&[(past.id.clone(), now)])
+            .unwrap();
+        let listed = store.api_tokens(Some(&u.id)).unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .find(|t| t.id == past.id)
+                .unwrap()
+                .last_used_at,
+            Some(now)
+        );
+    }
+
+    /// A temporary database file, removed on drop.
+    struct TempDb(std::path::PathBuf);
+
+    impl TempDb {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "tunnel-server-store-{tag}-{}-{}",
+                std::process::id(),
+                tokens::random_string(6)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn file(&self) -> std::path::PathBuf {
+            self.0.join("state.db")
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn reads_do_not_wait_for_another_writer() {
+        let tmp = TempDb::new("locked");
+        let store = SqliteStore::open(&tmp.file()).unwrap();
+        let (c, t) = store.create_cluster("prod").unwrap();
+        let report = ClusterAgentReport {
+            api_endpoint: "https://10.43.0.1:443".into(),
+            ca_cert: "Y2E=".into(),
+            sa_token: "jwt".into(),
+        };
+        assert!(store.set_cluster_agent_report(&c.id, &report).unwrap());
+        let node = Node {
+            id: tokens::machine_name("n1"),
+            cluster_id: c.id.clone(),
+            hostname: "n1".into(),
+            docker_socket: super::super::DEFAULT_DOCKER_SOCKET.into(),
+            created_at: 1,
+            params: serde_json::json!({"requestedHostname": "n1"}),
+        };
+        store.upsert_node(&node).unwrap();
+
+        // Another process holds the write lock.
+        let other = Connection::open(tmp.file()).unwrap();
+        other
+            .execute_batch("BEGIN IMMEDIATE; INSERT INTO settings (name, value) VALUES ('x', 'y');")
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            store.cluster_for_registration_token(&t.token).unwrap(),
+            Some(c.id.clone())
+        );
+        assert_eq!(store.clusters().unwrap().len(), 1);
+        assert_eq!(store.nodes(None).unwrap(), vec![node.clone()]);
+        // Uncommitted writes of the other process are not visible.
+        assert_eq!(store.setting("x").unwrap(), None);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "reads waited {:?} for the lock",
+            started.elapsed()
+        );
+        other.execute_batch("COMMIT").unwrap();
+        assert_eq!(store.setting("x").unwrap().as_deref(), Some("y"));
+        // A changed report is written once the lock is free.
+        let changed = ClusterAgentReport {
+            sa_token: "jwt-2".into(),
+            ..report
+        };
+        assert!(store.set_cluster_agent_report(&c.id, &changed).unwrap());
     }
 }
