@@ -473,6 +473,33 @@ async fn api_bodies_are_bounded() {
             .await;
         println!("2 MiB body: {} {:?}", r.status, r.body);
         assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+        // A body that stops arriving: 408 after the 30 s body timeout, not a held task.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut io = server.client().connect().await;
+        let head = format!(
+            "POST /v1/users HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"name\":"
+        );
+        io.write_all(head.as_bytes()).await.unwrap();
+        io.flush().await.unwrap();
+        let started = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        timeout(Duration::from_secs(45), async {
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .expect("no answer 45 s after the body stopped");
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.lines().next().unwrap_or_default().to_owned();
+        println!("body stopped after 9 of 100 bytes: {status:?} after {:.1?}", started.elapsed());
+        assert!(status.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_secs(29));
     })
     .await
     .expect("test timed out");
