@@ -164,3 +164,51 @@ async fn a_silent_session_is_evicted_before_an_older_healthy_one() {
     })
     .await;
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A flood of sessions on one key (a leaked token reconnecting in a loop): the registry never
+/// holds more than the cap, every displaced session ends, and memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_sessions_on_one_key_stays_at_the_cap() {
+    bounded(async {
+        let registry = Registry::default();
+        let cap = 8;
+        let flood = |n: usize| {
+            let registry = registry.clone();
+            async move {
+                let mut peers = std::collections::VecDeque::new();
+                for _ in 0..n {
+                    let (agent, server, _) = connect(&registry, "flooded").await;
+                    assert!(ids(&registry, "flooded").len() <= cap);
+                    peers.push_back((agent, server));
+                    // Displaced sessions end, at both ends; keep only the newest.
+                    if peers.len() > 4 * cap {
+                        let (agent, server) = peers.pop_front().unwrap();
+                        agent.tunnel.closed().await;
+                        server.tunnel.closed().await;
+                    }
+                }
+            }
+        };
+        flood(500).await;
+        let warm = rss_kib();
+        flood(4_500).await;
+        let after = rss_kib();
+        let held = ids(&registry, "flooded").len();
+        println!(
+            "5000 sessions on one key: {held} registered (cap {cap}); RSS {warm} -> {after} KiB after the last 4500 ({:+} KiB)",
+            after as i64 - warm as i64
+        );
+        assert_eq!(held, cap);
+        assert!(after < warm + 16 * 1024, "RSS grew {warm} -> {after} KiB");
+    })
+    .await;
+}
