@@ -13,12 +13,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::driver::acceptor::{
     Acceptor, AcceptorConfig, AuthRequest, ClientKey, Reject, text_response,
@@ -32,68 +31,13 @@ use tunnel_proto::driver::{Stream, Tunnel, pipe};
 use tunnel_proto::mux::{SessionError, refuse_all};
 use tunnel_proto::{Role, SessionConfig};
 
-use support::{allow_tcp, echo_server, payload, ws_pair_memory};
+use support::{Peer, allow_tcp, connect_memory, echo_server, payload, ws_pair_memory};
 
 /// Every test body runs under this bound (virtual time in the paused tests).
 const BOUND: Duration = Duration::from_secs(120);
 
 async fn bounded<F: Future>(fut: F) -> F::Output {
     timeout(BOUND, fut).await.expect("test exceeded its bound")
-}
-
-/// One end of a tunnel whose driver runs in a task until frozen (kept alive, never polled
-/// again: the socket stays open and nothing more is read, written or pinged) or aborted
-/// (dropped: the socket closes).
-struct Peer {
-    tunnel: Tunnel,
-    freeze: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Peer {
-    fn start<S>(ws: WebSocketStream<S>, role: Role) -> Self
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let authorizer = match role {
-            Role::Client => allow_tcp(),
-            Role::Server => refuse_all(),
-        };
-        let (tunnel, driver) = Tunnel::new(ws, SessionConfig::new(role), authorizer);
-        let (freeze, frozen) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            tokio::pin!(driver);
-            tokio::select! {
-                _ = &mut driver => {}
-                _ = frozen => std::future::pending::<()>().await,
-            }
-        });
-        Self {
-            tunnel,
-            freeze: Some(freeze),
-            task,
-        }
-    }
-
-    fn freeze(&mut self) {
-        let _ = self.freeze.take().expect("frozen twice").send(());
-    }
-
-    async fn abort(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
-/// An agent and a registered server session over an in-memory websocket.
-async fn connect_memory(registry: &Registry, key: &str) -> (Peer, Peer, SessionId) {
-    let (client_ws, server_ws) = ws_pair_memory().await;
-    let agent = Peer::start(client_ws, Role::Client);
-    let server = Peer::start(server_ws, Role::Server);
-    let handle = registry
-        .register(ClientKey::new(key), server.tunnel.clone())
-        .expect("valid key");
-    (agent, server, handle.id())
 }
 
 fn opened(peer: &Peer) -> u64 {

@@ -7,67 +7,18 @@ mod support;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{broadcast, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::broadcast;
 use tokio::time::{sleep, timeout};
-use tokio_tungstenite::WebSocketStream;
-use tunnel_proto::driver::Tunnel;
 use tunnel_proto::driver::acceptor::ClientKey;
 use tunnel_proto::driver::registry::{Registry, RegistryConfig, RegistryEvent, SessionId};
-use tunnel_proto::mux::{SessionError, refuse_all};
-use tunnel_proto::{Role, SessionConfig};
+use tunnel_proto::mux::SessionError;
 
-use support::{allow_tcp, ws_pair_memory};
+use support::connect_memory;
 
 async fn bounded<F: Future>(fut: F) -> F::Output {
     timeout(Duration::from_secs(120), fut)
         .await
         .expect("test exceeded its bound")
-}
-
-/// One end of a tunnel; `freeze` stops its driver without closing the socket (a blackholed
-/// agent).
-struct Peer {
-    tunnel: Tunnel,
-    freeze: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Peer {
-    fn start<S>(ws: WebSocketStream<S>, role: Role) -> Self
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let authorizer = match role {
-            Role::Client => allow_tcp(),
-            Role::Server => refuse_all(),
-        };
-        let (tunnel, driver) = Tunnel::new(ws, SessionConfig::new(role), authorizer);
-        let (freeze, frozen) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            tokio::pin!(driver);
-            tokio::select! {
-                _ = &mut driver => {}
-                _ = frozen => std::future::pending::<()>().await,
-            }
-        });
-        Self {
-            tunnel,
-            freeze: Some(freeze),
-            task,
-        }
-    }
-}
-
-async fn connect(registry: &Registry, key: &str) -> (Peer, Peer, SessionId) {
-    let (client_ws, server_ws) = ws_pair_memory().await;
-    let agent = Peer::start(client_ws, Role::Client);
-    let server = Peer::start(server_ws, Role::Server);
-    let handle = registry
-        .register(ClientKey::new(key), server.tunnel.clone())
-        .expect("valid key");
-    (agent, server, handle.id())
 }
 
 async fn next_removed(
@@ -104,14 +55,14 @@ async fn a_session_over_the_cap_evicts_the_oldest_and_is_never_refused() {
         let mut events = registry.subscribe();
         let mut peers = Vec::new();
         for _ in 0..3 {
-            peers.push(connect(&registry, "c-1").await);
+            peers.push(connect_memory(&registry, "c-1").await);
         }
-        let other = connect(&registry, "c-2").await;
+        let other = connect_memory(&registry, "c-2").await;
         let first = peers[0].2;
 
         // The fourth session of c-1 is taken; the oldest of c-1 leaves with a clear reason,
         // and its tunnel ends (the agent sees its socket close and reconnects).
-        let fourth = connect(&registry, "c-1").await;
+        let fourth = connect_memory(&registry, "c-1").await;
         let (evicted, reason) = next_removed(&mut events).await;
         println!("evicted session {evicted}: {reason}");
         assert_eq!(evicted, first);
@@ -142,8 +93,8 @@ async fn a_silent_session_is_evicted_before_an_older_healthy_one() {
         config.set_max_sessions_per_key(2);
         let registry = Registry::new(config);
         let mut events = registry.subscribe();
-        let healthy = connect(&registry, "c-1").await;
-        let mut silent = connect(&registry, "c-1").await;
+        let healthy = connect_memory(&registry, "c-1").await;
+        let mut silent = connect_memory(&registry, "c-1").await;
         // The newer agent is blackholed (a NAT forgot its flow); past the max silence its
         // session is stale, while the older one still hears pings.
         silent.0.freeze.take().unwrap().send(()).unwrap();
@@ -152,7 +103,7 @@ async fn a_silent_session_is_evicted_before_an_older_healthy_one() {
         assert!(!silent.1.tunnel.is_healthy(Duration::from_secs(15)));
 
         // The agent reconnects: the stale session goes, not the healthy older one.
-        let reconnect = connect(&registry, "c-1").await;
+        let reconnect = connect_memory(&registry, "c-1").await;
         let (evicted, reason) = next_removed(&mut events).await;
         println!("evicted session {evicted}: {reason}");
         assert_eq!(evicted, silent.2);
@@ -186,7 +137,7 @@ async fn a_flood_of_sessions_on_one_key_stays_at_the_cap() {
             async move {
                 let mut peers = std::collections::VecDeque::new();
                 for _ in 0..n {
-                    let (agent, server, _) = connect(&registry, "flooded").await;
+                    let (agent, server, _) = connect_memory(&registry, "flooded").await;
                     assert!(ids(&registry, "flooded").len() <= cap);
                     peers.push_back((agent, server));
                     // Displaced sessions end, at both ends; keep only the newest.

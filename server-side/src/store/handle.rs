@@ -500,6 +500,32 @@ mod tests {
         assert!(store.is_granted(&u.id, &c.id).await.unwrap());
     }
 
+    /// Starts a call that holds a place of `kind`'s lane until the returned sender is used, and
+    /// waits until it runs.
+    async fn occupy(
+        store: &StoreHandle,
+        kind: LaneKind,
+    ) -> (
+        tokio::task::JoinHandle<Result<()>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let store = store.clone();
+        let held = tokio::spawn(async move {
+            store
+                .run(kind, move |_| {
+                    started_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                })
+                .await
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        (held, release_tx)
+    }
+
     #[tokio::test]
     async fn a_full_lane_answers_busy_at_once() {
         let store = handle(StoreLimits {
@@ -507,23 +533,8 @@ mod tests {
             writes_running: 1,
             queued: 1,
         });
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         // One read runs and blocks; a second waits for its turn: the lane (1 + 1) is full.
-        let running = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .read_with(move |_| {
-                        started_tx.send(()).unwrap();
-                        release_rx.recv().unwrap();
-                    })
-                    .await
-            }
-        });
-        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
-            .await
-            .unwrap();
+        let (running, release_tx) = occupy(&store, LaneKind::Read).await;
         let waiting = tokio::spawn({
             let store = store.clone();
             async move { store.clusters().await }
@@ -582,22 +593,7 @@ mod tests {
         };
         store.upsert_node(&node).await.unwrap();
         // A write holds the only place of the write lane.
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let writing = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .write_with(move |_| {
-                        started_tx.send(()).unwrap();
-                        release_rx.recv().unwrap();
-                    })
-                    .await
-            }
-        });
-        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
-            .await
-            .unwrap();
+        let (writing, release_tx) = occupy(&store, LaneKind::Write).await;
         // Unchanged: answered by reads. Changed: the full write lane says so.
         assert!(
             !store

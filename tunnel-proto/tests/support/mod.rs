@@ -7,10 +7,14 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tunnel_proto::driver::acceptor::ClientKey;
+use tunnel_proto::driver::registry::{Registry, SessionId};
 use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Tunnel, pipe, websocket_config};
-use tunnel_proto::mux::Authorizer;
+use tunnel_proto::mux::{Authorizer, refuse_all};
 use tunnel_proto::{Role, SessionConfig};
 
 pub fn allow_tcp() -> Authorizer {
@@ -139,4 +143,61 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+// === registered sessions (registry tests) ===
+
+/// One end of a tunnel whose driver runs in a task until frozen (kept alive, never polled
+/// again: the socket stays open and nothing more is read, written or pinged) or aborted
+/// (dropped: the socket closes).
+pub struct Peer {
+    pub tunnel: Tunnel,
+    pub freeze: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<()>,
+}
+
+impl Peer {
+    pub fn start<S>(ws: WebSocketStream<S>, role: Role) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let authorizer = match role {
+            Role::Client => allow_tcp(),
+            Role::Server => refuse_all(),
+        };
+        let (tunnel, driver) = Tunnel::new(ws, SessionConfig::new(role), authorizer);
+        let (freeze, frozen) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::pin!(driver);
+            tokio::select! {
+                _ = &mut driver => {}
+                _ = frozen => std::future::pending::<()>().await,
+            }
+        });
+        Self {
+            tunnel,
+            freeze: Some(freeze),
+            task,
+        }
+    }
+
+    pub fn freeze(&mut self) {
+        let _ = self.freeze.take().expect("frozen twice").send(());
+    }
+
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// An agent and a registered server session over an in-memory websocket.
+pub async fn connect_memory(registry: &Registry, key: &str) -> (Peer, Peer, SessionId) {
+    let (client_ws, server_ws) = ws_pair_memory().await;
+    let agent = Peer::start(client_ws, Role::Client);
+    let server = Peer::start(server_ws, Role::Server);
+    let handle = registry
+        .register(ClientKey::new(key), server.tunnel.clone())
+        .expect("valid key");
+    (agent, server, handle.id())
 }
