@@ -54,11 +54,10 @@ pub async fn authenticate<B>(
         .extensions()
         .get::<PeerAddr>()
         .map(|p| AddrKey::of(p.0.ip()));
-    if let Some(addr) = addr.filter(|_| !app.known_good.contains(token)) {
-        if let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::ApiToken) {
+    if let Some(addr) = addr.filter(|_| !app.known_good.contains(token))
+        && let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::ApiToken) {
             return Err(too_many_failures(addr, retry_after));
         }
-    }
     match app.store.authenticate(token).await {
         Ok(Some(user)) => {
             app.known_good.insert(token, now);

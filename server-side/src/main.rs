@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use server_side::audit::{self, Mutation, Outcome};
 use server_side::server::{self, ServeConfig, Server, TlsSource};
-use server_side::store::{SqliteStore, Store};
+use server_side::store::Store;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -39,14 +39,61 @@ struct Cli {
         default_value = "/var/lib/tunnel-server"
     )]
     data_dir: PathBuf,
+    /// Where the state is kept: `sqlite` (a file in the data directory) or `kubernetes`
+    /// (custom resources in an apiserver: several replicas can share it).
+    #[arg(
+        long,
+        global = true,
+        env = "TUNNEL_SERVER_STORE",
+        default_value = "sqlite"
+    )]
+    store: StoreKind,
+    /// With --store kubernetes: a kubeconfig (default: in-cluster, else $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, global = true, env = "TUNNEL_SERVER_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// With --store kubernetes: the namespace of the objects (default: the kubeconfig
+    /// context's, in a pod its own).
+    #[arg(long, global = true, env = "TUNNEL_SERVER_NAMESPACE")]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A store backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// One SQLite file in the data directory.
+    Sqlite,
+    /// Custom resources in a Kubernetes apiserver.
+    Kubernetes,
+}
+
+impl Cli {
+    /// Opens the store the flags name (outside any runtime: the Kubernetes store runs its own).
+    fn open_store(&self) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+        Ok(match self.store {
+            StoreKind::Sqlite => std::sync::Arc::new(server::open_store(&self.data_dir)?),
+            StoreKind::Kubernetes => {
+                std::sync::Arc::new(server_side::store::KubeStore::open(&self.kube_config())?)
+            }
+        })
+    }
+
+    fn kube_config(&self) -> server_side::store::KubeStoreConfig {
+        server_side::store::KubeStoreConfig {
+            kubeconfig: self.kubeconfig.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Print the CustomResourceDefinitions of the Kubernetes store (YAML for kubectl apply).
+    Crds,
     /// Manage clusters.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -236,14 +283,26 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    let store = match &cli.command {
+        Command::Crds => {
+            print!("{}", server_side::store::kube::crd::crds_yaml());
+            return Ok(());
+        }
+        _ => cli.open_store()?,
+    };
     match cli.command {
-        Command::Serve(args) => serve(cli.data_dir, args),
-        other => admin(&cli.data_dir, other),
+        Command::Serve(args) => serve(cli.data_dir, store, args),
+        other => admin(store.as_ref(), other),
     }
 }
 
-fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+fn serve(
+    data_dir: PathBuf,
+    store: std::sync::Arc<dyn Store>,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let mut config = ServeConfig::new(args.listen, data_dir);
+    config.store = server::StoreBackend::Opened(store);
     config.server_url = args.server_url;
     config.tls = match (args.tls_cert, args.tls_key, args.insecure_http) {
         (_, _, true) => TlsSource::InsecureHttp,
@@ -324,6 +383,7 @@ async fn signals(shutdown: CancellationToken) {
 fn mutation_of(command: &Command) -> Option<Mutation> {
     Some(match command {
         Command::Serve(_)
+        | Command::Crds
         | Command::Cluster(ClusterCmd::List)
         | Command::User(UserCmd::List)
         | Command::Token(TokenCmd::List { .. }) => return None,
@@ -364,10 +424,10 @@ fn mutation_of(command: &Command) -> Option<Mutation> {
 }
 
 /// Runs an admin command and logs its audit line.
-fn admin(data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+fn admin(store: &dyn Store, command: Command) -> anyhow::Result<()> {
     let mutation = mutation_of(&command);
     let mut target = mutation.as_ref().map(|m| m.id.clone()).unwrap_or_default();
-    let result = run_admin(data_dir, command, &mut target);
+    let result = run_admin(store, command, &mut target);
     if let Some(mut m) = mutation {
         m.id = target;
         let (outcome, detail) = match &result {
@@ -413,16 +473,11 @@ fn utc(ts: i64) -> String {
     )
 }
 
-fn run_admin(
-    data_dir: &std::path::Path,
-    command: Command,
-    target: &mut String,
-) -> anyhow::Result<()> {
-    let store = server::open_store(data_dir)?;
+fn run_admin(store: &dyn Store, command: Command, target: &mut String) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Crds => unreachable!("handled by main"),
         Command::Cluster(ClusterCmd::Add { name, server_url }) => {
-            let url = server_url_of(&store, server_url)?;
+            let url = server_url_of(store, server_url)?;
             let (cluster, token) = store.create_cluster(&name)?;
             *target = format!("{} ({})", cluster.id, cluster.name);
             println!("cluster {} created as {}", cluster.name, cluster.id);
@@ -467,7 +522,7 @@ fn run_admin(
                 println!("registration token revoked");
                 return Ok(());
             }
-            let url = server_url_of(&store, server_url)?;
+            let url = server_url_of(store, server_url)?;
             if new {
                 let t = store.create_registration_token(&c.id)?;
                 *target = format!("{} {}", c.id, audit::redact(&t.token));
@@ -587,7 +642,7 @@ fn run_admin(
             ttl,
         } => {
             let expires_at = expiry(&ttl)?;
-            let url = server_url_of(&store, server_url)?;
+            let url = server_url_of(store, server_url)?;
             let u = store
                 .user_by_id_or_name(&user)?
                 .with_context(|| format!("user {user} not found"))?;
@@ -611,7 +666,7 @@ fn run_admin(
     Ok(())
 }
 
-fn server_url_of(store: &SqliteStore, flag: Option<String>) -> anyhow::Result<String> {
+fn server_url_of(store: &dyn Store, flag: Option<String>) -> anyhow::Result<String> {
     match flag.or(store.setting("server-url")?) {
         Some(url) => Ok(url.trim_end_matches('/').to_owned()),
         None => bail!("no server URL known yet: pass --server-url or start the server once"),

@@ -48,6 +48,26 @@ pub enum TlsSource {
     InsecureHttp,
 }
 
+/// Which store the server keeps its state in.
+#[derive(Clone, Default)]
+pub enum StoreBackend {
+    /// The SQLite file in the data directory (the embedded default).
+    #[default]
+    Sqlite,
+    /// A store opened by the caller (the Kubernetes store: it must be opened outside the
+    /// runtime, see [`crate::store::KubeStore`]).
+    Opened(Arc<dyn Store>),
+}
+
+impl std::fmt::Debug for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            Self::Opened(_) => f.write_str("Opened"),
+        }
+    }
+}
+
 /// `serve` settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -55,6 +75,8 @@ pub struct ServeConfig {
     pub listen: String,
     /// Data directory (store file, `ca.pem`).
     pub data_dir: PathBuf,
+    /// The store (default: SQLite in the data directory).
+    pub store: StoreBackend,
     /// Public URL; default `https://<listen address>`.
     pub server_url: Option<String>,
     /// TLS.
@@ -86,6 +108,7 @@ impl ServeConfig {
         Self {
             listen: listen.into(),
             data_dir: data_dir.into(),
+            store: StoreBackend::Sqlite,
             server_url: None,
             tls: TlsSource::Generated,
             agent_image: DEFAULT_AGENT_IMAGE.to_owned(),
@@ -170,7 +193,10 @@ impl Server {
     /// Opens the store, sets up TLS and binds the listener.
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
         config.auth_limit.validate()?;
-        let store = Arc::new(open_store(&config.data_dir)?);
+        let store: Arc<dyn Store> = match &config.store {
+            StoreBackend::Sqlite => Arc::new(open_store(&config.data_dir)?),
+            StoreBackend::Opened(store) => store.clone(),
+        };
         let listener = tunnel_proto::driver::acceptor::bind_listener(&config.listen)
             .await
             .map_err(io_err(format!("binding {}", config.listen)))?;
@@ -230,8 +256,17 @@ impl Server {
                 let pki = crate::pki::ensure(store.as_ref(), &sans)?;
                 let chain = format!("{}{}", pki.cert_pem, pki.ca_cert_pem);
                 let ca_file = config.data_dir.join("ca.pem");
-                std::fs::write(&ca_file, &pki.ca_cert_pem)
-                    .map_err(io_err(format!("writing {}", ca_file.display())))?;
+                match (std::fs::write(&ca_file, &pki.ca_cert_pem), &config.store) {
+                    (Ok(()), _) => {}
+                    (Err(err), StoreBackend::Sqlite) => {
+                        return Err(io_err(format!("writing {}", ca_file.display()))(err));
+                    }
+                    // Without a data directory (a replica on the Kubernetes store) the CA is
+                    // still served at /cacerts.
+                    (Err(err), StoreBackend::Opened(_)) => {
+                        tracing::debug!(%err, "not writing {}", ca_file.display());
+                    }
+                }
                 (
                     Some(tls_server_config(chain.as_bytes(), pki.key_pem.as_bytes())?),
                     crate::pki::cacerts_value(&pki.ca_cert_pem),

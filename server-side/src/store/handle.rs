@@ -368,11 +368,10 @@ impl StoreHandle {
         let user = self
             .run(LaneKind::Read, move |store| store.authenticate(&owned))
             .await??;
-        if user.is_some() {
-            if let Some((id, _)) = bearer.split_once(':') {
+        if user.is_some()
+            && let Some((id, _)) = bearer.split_once(':') {
                 self.note_token_use(id, now_unix());
             }
-        }
         Ok(user)
     }
 

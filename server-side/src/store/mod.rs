@@ -22,9 +22,11 @@
 //! compared in constant time.
 
 mod handle;
+pub mod kube;
 mod sqlite;
 
 pub use handle::{LAST_USE_FLUSH_INTERVAL, StoreHandle, StoreLimits, TokenUseFlusher};
+pub use kube::{KubeStore, KubeStoreConfig};
 pub use sqlite::SqliteStore;
 
 use serde::Serialize;
@@ -36,6 +38,9 @@ pub enum StoreError {
     /// The database refused the operation or could not be opened.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The Kubernetes store's apiserver refused the call or could not be reached.
+    #[error("kubernetes: {0}")]
+    Backend(String),
     /// A unique name or id is already taken.
     #[error("{0} already exists")]
     Conflict(String),
