@@ -21,8 +21,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ApiToken, Cluster, ClusterAgentReport, Grant, Node, RegistrationToken, Result, ServerPki,
-    Store, StoreError, User, now_unix,
+    ApiToken, Cluster, ClusterAgentReport, Grant, Node, Presence, RegistrationToken, Result,
+    ServerPki, Store, StoreError, TunnelEnd, User, now_unix,
 };
 
 /// How often noted API-token uses are written to the store.
@@ -152,6 +152,7 @@ owned_arg! {
     &'a ClusterAgentReport => ClusterAgentReport, |v| v, |b| b.clone();
     &'a ServerPki => ServerPki, |v| v, |b| b.clone();
     &'a [(String, i64)] => Vec<(String, i64)>, |v| v.as_slice(), |b| b.to_vec();
+    &'a TunnelEnd => TunnelEnd, |v| v, |b| b.clone();
 }
 
 impl OwnedArg for bool {
@@ -164,6 +165,20 @@ impl OwnedArg for bool {
 impl IntoOwnedArg for bool {
     type Owned = bool;
     fn into_owned_arg(self) -> bool {
+        self
+    }
+}
+
+impl OwnedArg for i64 {
+    type Ref<'a> = i64;
+    fn get(&self) -> i64 {
+        *self
+    }
+}
+
+impl IntoOwnedArg for i64 {
+    type Owned = i64;
+    fn into_owned_arg(self) -> i64 {
         self
     }
 }
@@ -294,6 +309,7 @@ impl StoreHandle {
         fn is_granted(&self, user_id: &str, cluster_id: &str) -> bool;
         fn pki(&self) -> Option<ServerPki>;
         fn setting(&self, name: &str) -> Option<String>;
+        fn presence(&self, end: &TunnelEnd) -> Option<Presence>;
         fn revision(&self) -> u64;
     }
 
@@ -313,6 +329,7 @@ impl StoreHandle {
         fn revoke_grant(&self, user_id: &str, cluster_id: &str) -> bool;
         fn set_pki(&self, pki: &ServerPki) -> ();
         fn set_setting(&self, name: &str, value: &str) -> ();
+        fn record_presence(&self, end: &TunnelEnd, connected: bool, replica: &str, now: i64) -> bool;
     }
 
     /// [`super::resolve_node`]: the node a user-facing reference names.
@@ -369,9 +386,10 @@ impl StoreHandle {
             .run(LaneKind::Read, move |store| store.authenticate(&owned))
             .await??;
         if user.is_some()
-            && let Some((id, _)) = bearer.split_once(':') {
-                self.note_token_use(id, now_unix());
-            }
+            && let Some((id, _)) = bearer.split_once(':')
+        {
+            self.note_token_use(id, now_unix());
+        }
         Ok(user)
     }
 

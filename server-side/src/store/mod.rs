@@ -213,6 +213,80 @@ pub struct ServerPki {
     pub sans: Vec<String>,
 }
 
+/// Where a tunnel ends: a cluster (its cluster agent) or one of its nodes (a node agent).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TunnelEnd {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The node's machine name; `None`: the cluster agent.
+    pub node_id: Option<String>,
+}
+
+impl TunnelEnd {
+    /// The end a tunnel client key names: `c-xxxxx` (a cluster agent) or `c-xxxxx:m-…` (a node
+    /// agent); `None` for other keys (the aggregation tunnels, `stv-cluster-…`).
+    pub fn of_client_key(key: &str) -> Option<Self> {
+        let (cluster_id, node_id) = match key.split_once(':') {
+            Some((c, m)) => (c, Some(m)),
+            None => (key, None),
+        };
+        let valid = cluster_id.starts_with("c-")
+            && crate::tokens::valid_id(cluster_id)
+            && node_id.is_none_or(crate::tokens::valid_id);
+        valid.then(|| Self {
+            cluster_id: cluster_id.to_owned(),
+            node_id: node_id.map(str::to_owned),
+        })
+    }
+}
+
+/// The live state of a tunnel end, as the replicas last recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Presence {
+    /// Whether a replica holds a tunnel to it.
+    pub connected: bool,
+    /// The replica that holds (or last held) the tunnel.
+    pub replica: String,
+    /// Unix seconds it was last seen up.
+    pub last_seen: i64,
+    /// Unix seconds `connected` last changed.
+    pub since: i64,
+}
+
+impl Presence {
+    /// The state after `replica` reports `connected` at `now`, or `None` when the report
+    /// changes nothing durable: a replica that no longer holds the tunnel (another one took
+    /// it over since) reporting it gone.
+    pub fn after(
+        previous: Option<&Presence>,
+        connected: bool,
+        replica: &str,
+        now: i64,
+    ) -> Option<Self> {
+        match previous {
+            Some(p) if !connected && p.connected && p.replica != replica => None,
+            Some(p) if !connected && !p.connected => None,
+            Some(p) => Some(Self {
+                connected,
+                replica: replica.to_owned(),
+                last_seen: now.max(p.last_seen),
+                since: if p.connected == connected {
+                    p.since
+                } else {
+                    now
+                },
+            }),
+            None => Some(Self {
+                connected,
+                replica: replica.to_owned(),
+                last_seen: now,
+                since: now,
+            }),
+        }
+    }
+}
+
 /// The state the server keeps. Implementations must be safe to share across tasks.
 pub trait Store: Send + Sync + 'static {
     // === clusters ===
@@ -310,6 +384,20 @@ pub trait Store: Send + Sync + 'static {
     fn setting(&self, name: &str) -> Result<Option<String>>;
     /// Sets a setting.
     fn set_setting(&self, name: &str, value: &str) -> Result<()>;
+
+    // === live state ===
+
+    /// Records that `replica` holds (`connected`) or lost a tunnel to `end` at `now` (Unix
+    /// seconds), as [`Presence::after`] says; false if the cluster or node does not exist.
+    fn record_presence(
+        &self,
+        end: &TunnelEnd,
+        connected: bool,
+        replica: &str,
+        now: i64,
+    ) -> Result<bool>;
+    /// The live state of `end` as last recorded.
+    fn presence(&self, end: &TunnelEnd) -> Result<Option<Presence>>;
 
     // === change detection ===
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ApiToken, Cluster, ClusterAgentReport, Grant, Node, RegistrationToken, Result, ServerPki,
-    Store, StoreError, User, now_unix,
+    ApiToken, Cluster, ClusterAgentReport, Grant, Node, Presence, RegistrationToken, Result,
+    ServerPki, Store, StoreError, TunnelEnd, User, now_unix,
 };
 use crate::tokens;
 
@@ -92,6 +92,18 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE api_tokens ADD COLUMN expires_at INTEGER;
     ALTER TABLE api_tokens ADD COLUMN last_used_at INTEGER;
     ",
+    // 3: live state of tunnel ends (node_id '' is the cluster agent).
+    "
+    CREATE TABLE presence (
+        cluster_id TEXT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+        node_id TEXT NOT NULL,
+        connected INTEGER NOT NULL,
+        replica TEXT NOT NULL,
+        last_seen INTEGER NOT NULL,
+        since INTEGER NOT NULL,
+        PRIMARY KEY (cluster_id, node_id)
+    );
+    ",
 ];
 
 /// Reader connections of a file database.
@@ -142,13 +154,14 @@ impl Deref for ReadConn<'_> {
 impl Drop for ReadConn<'_> {
     fn drop(&mut self) {
         if let Self::Pooled { pool, conn } = self
-            && let Some(conn) = conn.take() {
-                pool.idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(conn);
-                pool.returned.notify_one();
-            }
+            && let Some(conn) = conn.take()
+        {
+            pool.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+            pool.returned.notify_one();
+        }
     }
 }
 
@@ -290,6 +303,15 @@ fn cluster_row(r: &Row<'_>) -> rusqlite::Result<Cluster> {
         api_endpoint: r.get(3)?,
         ca_cert: r.get(4)?,
         sa_token: r.get(5)?,
+    })
+}
+
+fn presence_row(r: &Row<'_>) -> rusqlite::Result<Presence> {
+    Ok(Presence {
+        connected: r.get(0)?,
+        replica: r.get(1)?,
+        last_seen: r.get(2)?,
+        since: r.get(3)?,
     })
 }
 
@@ -551,10 +573,18 @@ impl Store for SqliteStore {
     }
 
     fn delete_node(&self, cluster_id: &str, id: &str) -> Result<bool> {
-        Ok(self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM presence WHERE cluster_id = ?1 AND node_id = ?2",
+            [cluster_id, id],
+        )?;
+        let deleted = tx.execute(
             "DELETE FROM nodes WHERE cluster_id = ?1 AND id = ?2",
             [cluster_id, id],
-        )? > 0)
+        )? > 0;
+        tx.commit()?;
+        Ok(deleted)
     }
 
     fn create_user(&self, name: &str, groups: &[String], admin: bool) -> Result<User> {
@@ -832,6 +862,70 @@ impl Store for SqliteStore {
             [name, value],
         )?;
         Ok(())
+    }
+
+    fn record_presence(
+        &self,
+        end: &TunnelEnd,
+        connected: bool,
+        replica: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let node_id = end.node_id.as_deref().unwrap_or("");
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let exists: bool = match &end.node_id {
+            None => tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM clusters WHERE id = ?1)",
+                [&end.cluster_id],
+                |r| r.get(0),
+            )?,
+            Some(node) => tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM nodes WHERE cluster_id = ?1 AND id = ?2)",
+                [&end.cluster_id, node],
+                |r| r.get(0),
+            )?,
+        };
+        if !exists {
+            return Ok(false);
+        }
+        let previous = tx
+            .query_row(
+                "SELECT connected, replica, last_seen, since FROM presence \
+                 WHERE cluster_id = ?1 AND node_id = ?2",
+                [&end.cluster_id, node_id],
+                presence_row,
+            )
+            .optional()?;
+        if let Some(p) = Presence::after(previous.as_ref(), connected, replica, now) {
+            tx.execute(
+                "INSERT INTO presence (cluster_id, node_id, connected, replica, last_seen, since) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (cluster_id, node_id) DO UPDATE SET \
+                 connected = ?3, replica = ?4, last_seen = ?5, since = ?6",
+                params![
+                    end.cluster_id,
+                    node_id,
+                    p.connected,
+                    p.replica,
+                    p.last_seen,
+                    p.since
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn presence(&self, end: &TunnelEnd) -> Result<Option<Presence>> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT connected, replica, last_seen, since FROM presence \
+                 WHERE cluster_id = ?1 AND node_id = ?2",
+                [&end.cluster_id, end.node_id.as_deref().unwrap_or("")],
+                presence_row,
+            )
+            .optional()?)
     }
 
     fn revision(&self) -> Result<u64> {

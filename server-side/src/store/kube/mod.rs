@@ -51,8 +51,8 @@ use self::crd::{
 };
 use self::seal::Sealer;
 use super::{
-    ApiToken, Cluster, ClusterAgentReport, Grant, Node, RegistrationToken, Result, ServerPki,
-    Store, StoreError, User, now_unix,
+    ApiToken, Cluster, ClusterAgentReport, Grant, Node, Presence, RegistrationToken, Result,
+    ServerPki, Store, StoreError, TunnelEnd, User, now_unix,
 };
 use crate::tokens;
 
@@ -216,6 +216,22 @@ impl KubeStore {
             runtime: Some(runtime),
             shared,
         })
+    }
+
+    /// The presence part of an end's status: `None` if the end does not exist, `Some(None)`
+    /// if it has no status yet.
+    fn presence_status(&self, end: &TunnelEnd) -> Option<Option<crd::Presence>> {
+        let s = &self.shared;
+        match &end.node_id {
+            None => s
+                .clusters
+                .get(&end.cluster_id)
+                .map(|c| c.status.as_ref().map(|st| st.presence.clone())),
+            Some(node) => s
+                .nodes
+                .get(&node_name(&end.cluster_id, node))
+                .map(|n| n.status.as_ref().map(|st| st.presence.clone())),
+        }
     }
 
     /// The namespace the objects live in.
@@ -1036,6 +1052,54 @@ impl Shared {
     }
 }
 
+/// The condition type of a tunnel end's presence.
+const CONNECTED: &str = "Connected";
+
+/// A [`Presence`] of a status, if it has the `Connected` condition.
+fn presence_of(status: &crd::Presence) -> Option<Presence> {
+    let condition = status.conditions.iter().find(|c| c.type_ == CONNECTED)?;
+    let since = condition
+        .last_transition_time
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .map(|t| t.as_second())
+        .unwrap_or(0);
+    Some(Presence {
+        connected: condition.status == "True",
+        replica: status.replica.clone().unwrap_or_default(),
+        last_seen: status.last_seen.unwrap_or(since),
+        since,
+    })
+}
+
+/// The status of a [`Presence`].
+fn status_of(p: &Presence) -> crd::Presence {
+    let at = k8s_openapi::jiff::Timestamp::from_second(p.since)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let (reason, message) = if p.connected {
+        (
+            "TunnelUp",
+            format!("the agent's tunnel is held by {}", p.replica),
+        )
+    } else {
+        (
+            "TunnelDown",
+            format!("the agent's tunnel to {} closed", p.replica),
+        )
+    };
+    crd::Presence {
+        conditions: vec![crd::Condition {
+            type_: CONNECTED.to_owned(),
+            status: if p.connected { "True" } else { "False" }.to_owned(),
+            last_transition_time: at,
+            reason: reason.to_owned(),
+            message,
+        }],
+        replica: Some(p.replica.clone()),
+        last_seen: Some(p.last_seen),
+    }
+}
+
 const PKI_FIELDS: [&str; 5] = ["ca.crt", "ca.key", "tls.crt", "tls.key", "sans"];
 const SETTING_PREFIX: &str = "setting.";
 
@@ -1360,6 +1424,45 @@ impl Store for KubeStore {
             })
             .await
         })
+    }
+
+    fn record_presence(
+        &self,
+        end: &TunnelEnd,
+        connected: bool,
+        replica: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let Some(previous) = self.presence_status(end) else {
+            return Ok(false);
+        };
+        let previous = previous.as_ref().and_then(presence_of);
+        let Some(next) = Presence::after(previous.as_ref(), connected, replica, now) else {
+            return Ok(true);
+        };
+        let patch = json!({ "status": status_of(&next) });
+        let end = end.clone();
+        self.run(|s| async move {
+            Ok(match &end.node_id {
+                None => s
+                    .clusters
+                    .merge(&s, &end.cluster_id, patch, true)
+                    .await?
+                    .is_some(),
+                Some(node) => {
+                    let name = node_name(&end.cluster_id, node);
+                    s.nodes.merge(&s, &name, patch, true).await?.is_some()
+                }
+            })
+        })
+    }
+
+    fn presence(&self, end: &TunnelEnd) -> Result<Option<Presence>> {
+        Ok(self
+            .presence_status(end)
+            .flatten()
+            .as_ref()
+            .and_then(presence_of))
     }
 
     fn revision(&self) -> Result<u64> {
