@@ -313,7 +313,10 @@ mod tests {
         );
         // A misspelt key is an error, not a silently ignored setting.
         let err = ContextFile::parse(r#"{"curentContext":"a"}"#, path).unwrap_err();
-        assert!(err.to_string().contains("/c is not a valid context file"), "{err}");
+        assert!(
+            err.to_string().contains("/c is not a valid context file"),
+            "{err}"
+        );
         assert!(ContextFile::parse("not json", path).is_err());
     }
 
