@@ -355,6 +355,22 @@ fn admin_commands_run_through_the_api() {
         "context tofu removed"
     );
     assert_eq!(cli.file()["currentContext"], "test");
+    // No verification at all, when asked for: said so, and saved so.
+    let r = cli.run(&[
+        "login",
+        "--server",
+        url,
+        "--token",
+        &root,
+        "--insecure-skip-tls-verify",
+        "--context",
+        "insecure",
+    ]);
+    assert!(r.ok && r.err.contains("will not verify"), "{}", r.err);
+    assert_eq!(cli.file()["contexts"][1]["insecureSkipTlsVerify"], true);
+    assert!(cli.ok(&["user", "list"]).contains("alice"));
+    cli.ok(&["context", "use", "test"]);
+    cli.ok(&["context", "rm", "insecure"]);
 
     // A non-admin's token: a clear 403. A revoked one: a clear 401.
     let mut file = cli.file();
