@@ -2,17 +2,22 @@
 //!
 //! ```text
 //! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http] [--auth-failure-burst N] [--auth-failure-refill R] [--auth-failure-max-addresses N]
-//! tunnel-server [--data-dir DIR] cluster add NAME | cluster list | cluster rm CLUSTER
-//! tunnel-server [--data-dir DIR] cluster token CLUSTER [--new | --revoke TOKEN]
-//! tunnel-server [--data-dir DIR] user add NAME [--admin] [--group G]... | user list
-//! tunnel-server [--data-dir DIR] token add USER [--ttl 24h] | token list [--user USER] | token revoke ID
-//! tunnel-server [--data-dir DIR] grant USER CLUSTER
-//! tunnel-server [--data-dir DIR] kubeconfig CLUSTER --user USER [--ttl 30d]
+//! tunnel-server login --server URL --token TOKEN [--certificate-authority F | --fetch-ca | --insecure-skip-tls-verify] [--context NAME]
+//! tunnel-server context list | context use NAME | context rm NAME
+//! tunnel-server [GLOBAL] cluster add NAME | cluster list | cluster rm CLUSTER
+//! tunnel-server [GLOBAL] cluster token CLUSTER [--new | --revoke TOKEN]
+//! tunnel-server [GLOBAL] user add NAME [--admin] [--group G]... | user list
+//! tunnel-server [GLOBAL] token add USER [--ttl 24h] | token list [--user USER] | token revoke ID
+//! tunnel-server [GLOBAL] grant USER CLUSTER
+//! tunnel-server [GLOBAL] kubeconfig CLUSTER --user USER [--ttl 30d]
+//!   GLOBAL: --context NAME (another saved context) | --direct [--data-dir DIR] (the store)
 //! ```
 //!
-//! The admin commands work on the store directly (the server may be running: SQLite handles
-//! the concurrency). Each one that changes something logs an audit line (target `audit`, on
-//! stderr) naming `cli:<OS user>`.
+//! The admin commands run against the current context's server through its `/v1` API (see
+//! `cli/`; the server logs the audit lines, naming the token's user), or, with `--direct` or
+//! when no context is current, on the store directly (bootstrap; the server may be running:
+//! SQLite handles the concurrency). Then each one that changes something logs an audit line
+//! (target `audit`, on stderr) naming `cli:<OS user>`. Both print the same text.
 
 use std::path::PathBuf;
 use std::time::Duration;
