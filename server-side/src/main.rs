@@ -2,27 +2,35 @@
 //!
 //! ```text
 //! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http] [--auth-failure-burst N] [--auth-failure-refill R] [--auth-failure-max-addresses N]
-//! tunnel-server [--data-dir DIR] cluster add NAME | cluster list | cluster rm CLUSTER
-//! tunnel-server [--data-dir DIR] cluster token CLUSTER [--new | --revoke TOKEN]
-//! tunnel-server [--data-dir DIR] user add NAME [--admin] [--group G]... | user list
-//! tunnel-server [--data-dir DIR] token add USER [--ttl 24h] | token list [--user USER] | token revoke ID
-//! tunnel-server [--data-dir DIR] grant USER CLUSTER
-//! tunnel-server [--data-dir DIR] kubeconfig CLUSTER --user USER [--ttl 30d]
+//! tunnel-server login --server URL --token TOKEN [--certificate-authority F | --fetch-ca | --insecure-skip-tls-verify] [--context NAME]
+//! tunnel-server context list | context use NAME | context rm NAME
+//! tunnel-server [GLOBAL] cluster add NAME | cluster list | cluster rm CLUSTER
+//! tunnel-server [GLOBAL] cluster token CLUSTER [--new | --revoke TOKEN]
+//! tunnel-server [GLOBAL] user add NAME [--admin] [--group G]... | user list
+//! tunnel-server [GLOBAL] token add USER [--ttl 24h] | token list [--user USER] | token revoke ID
+//! tunnel-server [GLOBAL] grant USER CLUSTER
+//! tunnel-server [GLOBAL] kubeconfig CLUSTER --user USER [--ttl 30d]
+//!   GLOBAL: --context NAME (another saved context) | --direct [--data-dir DIR] (the store)
 //! ```
 //!
-//! The admin commands work on the store directly (the server may be running: SQLite handles
-//! the concurrency). Each one that changes something logs an audit line (target `audit`, on
-//! stderr) naming `cli:<OS user>`.
+//! The admin commands run against the current context's server through its `/v1` API (see
+//! `cli/`; the server logs the audit lines, naming the token's user), or, with `--direct` or
+//! when no context is current, on the store directly (bootstrap; the server may be running:
+//! SQLite handles the concurrency). Then each one that changes something logs an audit line
+//! (target `audit`, on stderr) naming `cli:<OS user>`. Both print the same text.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use server_side::audit::{self, Mutation, Outcome};
 use server_side::server::{self, ServeConfig, Server, TlsSource};
 use server_side::store::Store;
 use tokio_util::sync::CancellationToken;
+
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +64,8 @@ struct Cli {
     /// context's, in a pod its own).
     #[arg(long, global = true, env = "TUNNEL_SERVER_NAMESPACE")]
     namespace: Option<String>,
+    #[command(flatten)]
+    target: cli::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,22 +79,33 @@ enum StoreKind {
     Kubernetes,
 }
 
-impl Cli {
-    /// Opens the store the flags name (outside any runtime: the Kubernetes store runs its own).
-    fn open_store(&self) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-        Ok(match self.store {
-            StoreKind::Sqlite => std::sync::Arc::new(server::open_store(&self.data_dir)?),
-            StoreKind::Kubernetes => {
-                std::sync::Arc::new(server_side::store::KubeStore::open(&self.kube_config())?)
-            }
-        })
+/// The store the global flags name.
+struct StoreChoice {
+    kind: StoreKind,
+    data_dir: PathBuf,
+    kube: server_side::store::KubeStoreConfig,
+}
+
+impl StoreChoice {
+    fn of(cli: &Cli) -> Self {
+        Self {
+            kind: cli.store,
+            data_dir: cli.data_dir.clone(),
+            kube: server_side::store::KubeStoreConfig {
+                kubeconfig: cli.kubeconfig.clone(),
+                namespace: cli.namespace.clone(),
+            },
+        }
     }
 
-    fn kube_config(&self) -> server_side::store::KubeStoreConfig {
-        server_side::store::KubeStoreConfig {
-            kubeconfig: self.kubeconfig.clone(),
-            namespace: self.namespace.clone(),
-        }
+    /// Opens it (outside any runtime: the Kubernetes store runs its own).
+    fn open(&self) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+        Ok(match self.kind {
+            StoreKind::Sqlite => std::sync::Arc::new(server::open_store(&self.data_dir)?),
+            StoreKind::Kubernetes => {
+                std::sync::Arc::new(server_side::store::KubeStore::open(&self.kube)?)
+            }
+        })
     }
 }
 
@@ -125,6 +146,12 @@ enum Command {
         #[arg(long)]
         server_url: Option<String>,
     },
+    /// Check an admin token against a running server and save it as the current context;
+    /// admin commands then go through the server's /v1 API.
+    Login(cli::LoginArgs),
+    /// List, switch or remove the saved contexts.
+    #[command(subcommand)]
+    Context(cli::ContextCmd),
 }
 
 #[derive(clap::Args)]
@@ -281,18 +308,27 @@ fn init_tracing() {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // A store named on the command line while a context is current is an error, not ignored.
+    let store_given = ["data_dir", "store", "kubeconfig", "namespace"]
+        .iter()
+        .any(|arg| matches.value_source(arg) == Some(ValueSource::CommandLine));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_tracing();
-    let store = match &cli.command {
+    let choice = StoreChoice::of(&cli);
+    match cli.command {
         Command::Crds => {
             print!("{}", server_side::store::kube::crd::crds_yaml());
-            return Ok(());
+            Ok(())
         }
-        _ => cli.open_store()?,
-    };
-    match cli.command {
-        Command::Serve(args) => serve(cli.data_dir, store, args),
-        other => admin(store.as_ref(), other),
+        Command::Serve(args) => serve(choice.data_dir.clone(), choice.open()?, args),
+        Command::Login(args) => cli::login(&cli.target, args),
+        Command::Context(cmd) => cli::context_command(cmd),
+        other => match cli::remote(&cli.target, store_given)? {
+            // The server writes the audit line, naming the token's user.
+            Some(remote) => cli::admin::run(&remote, other, &mut String::new()),
+            None => admin(choice.open()?, other),
+        },
     }
 }
 
@@ -384,6 +420,8 @@ fn mutation_of(command: &Command) -> Option<Mutation> {
     Some(match command {
         Command::Serve(_)
         | Command::Crds
+        | Command::Login(_)
+        | Command::Context(_)
         | Command::Cluster(ClusterCmd::List)
         | Command::User(UserCmd::List)
         | Command::Token(TokenCmd::List { .. }) => return None,
@@ -423,11 +461,11 @@ fn mutation_of(command: &Command) -> Option<Mutation> {
     })
 }
 
-/// Runs an admin command and logs its audit line.
-fn admin(store: &dyn Store, command: Command) -> anyhow::Result<()> {
+/// Runs an admin command on the store and logs its audit line.
+fn admin(store: std::sync::Arc<dyn Store>, command: Command) -> anyhow::Result<()> {
     let mutation = mutation_of(&command);
     let mut target = mutation.as_ref().map(|m| m.id.clone()).unwrap_or_default();
-    let result = run_admin(store, command, &mut target);
+    let result = cli::admin::run(&cli::admin::Direct(store), command, &mut target);
     if let Some(mut m) = mutation {
         m.id = target;
         let (outcome, detail) = match &result {
@@ -437,250 +475,4 @@ fn admin(store: &dyn Store, command: Command) -> anyhow::Result<()> {
         audit::log(&audit::cli_user(), "cli", &m, outcome, &detail);
     }
     result
-}
-
-/// Unix seconds `ttl` from now, or `None` for no expiry.
-fn expiry(ttl: &str) -> anyhow::Result<Option<i64>> {
-    let ttl = server_side::tokens::parse_ttl(ttl).map_err(anyhow::Error::msg)?;
-    Ok(ttl.map(|d| now_unix() + d.as_secs() as i64))
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// `2026-12-07T16:34:10Z` (UTC) of Unix seconds.
-fn utc(ts: i64) -> String {
-    // Howard Hinnant's days-to-civil algorithm.
-    let (days, secs) = (ts.div_euclid(86_400), ts.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-fn run_admin(store: &dyn Store, command: Command, target: &mut String) -> anyhow::Result<()> {
-    match command {
-        Command::Serve(_) | Command::Crds => unreachable!("handled by main"),
-        Command::Cluster(ClusterCmd::Add { name, server_url }) => {
-            let url = server_url_of(store, server_url)?;
-            let (cluster, token) = store.create_cluster(&name)?;
-            *target = format!("{} ({})", cluster.id, cluster.name);
-            println!("cluster {} created as {}", cluster.name, cluster.id);
-            println!("import it by running, in the cluster:");
-            println!(
-                "  {}",
-                server_side::import::import_command(&url, &token.token, &cluster.id)
-            );
-        }
-        Command::Cluster(ClusterCmd::List) => {
-            println!("{:<10} {:<24} API ENDPOINT", "ID", "NAME");
-            for c in store.clusters()? {
-                println!(
-                    "{:<10} {:<24} {}",
-                    c.id,
-                    c.name,
-                    c.api_endpoint.as_deref().unwrap_or("-")
-                );
-            }
-        }
-        Command::Cluster(ClusterCmd::Rm { cluster }) => {
-            let c = store
-                .cluster_by_id_or_name(&cluster)?
-                .with_context(|| format!("cluster {cluster} not found"))?;
-            *target = format!("{} ({})", c.id, c.name);
-            store.delete_cluster(&c.id)?;
-            println!("cluster {} ({}) deleted", c.name, c.id);
-        }
-        Command::Cluster(ClusterCmd::Token {
-            cluster,
-            new,
-            revoke,
-            server_url,
-        }) => {
-            let c = store
-                .cluster_by_id_or_name(&cluster)?
-                .with_context(|| format!("cluster {cluster} not found"))?;
-            if let Some(token) = revoke {
-                if !store.delete_registration_token(&c.id, &token)? {
-                    bail!("cluster {} has no such registration token", c.name);
-                }
-                println!("registration token revoked");
-                return Ok(());
-            }
-            let url = server_url_of(store, server_url)?;
-            if new {
-                let t = store.create_registration_token(&c.id)?;
-                *target = format!("{} {}", c.id, audit::redact(&t.token));
-                println!(
-                    "{}",
-                    server_side::import::import_command(&url, &t.token, &c.id)
-                );
-                return Ok(());
-            }
-            for t in store.registration_tokens(&c.id)? {
-                println!(
-                    "{}",
-                    server_side::import::import_command(&url, &t.token, &c.id)
-                );
-            }
-        }
-        Command::User(UserCmd::Add {
-            name,
-            admin,
-            groups,
-        }) => {
-            let user = store.create_user(&name, &groups, admin)?;
-            *target = format!("{} ({})", user.id, user.name);
-            let (_, value) = store.create_api_token(&user.id, "created with the user", None)?;
-            println!("user {} created as {}", user.name, user.id);
-            println!("API token (shown once): {value}");
-        }
-        Command::User(UserCmd::List) => {
-            println!("{:<12} {:<24} {:<6} GROUPS", "ID", "NAME", "ADMIN");
-            for u in store.users()? {
-                println!(
-                    "{:<12} {:<24} {:<6} {}",
-                    u.id,
-                    u.name,
-                    u.admin,
-                    u.groups.join(",")
-                );
-            }
-        }
-        Command::Token(TokenCmd::Add {
-            user,
-            ttl,
-            description,
-        }) => {
-            let expires_at = expiry(&ttl)?;
-            let u = store
-                .user_by_id_or_name(&user)?
-                .with_context(|| format!("user {user} not found"))?;
-            let (t, value) = store.create_api_token(&u.id, &description, expires_at)?;
-            *target = format!("{} for {}", t.id, u.name);
-            if let Some(at) = expires_at {
-                eprintln!("token {} expires at {}", t.id, utc(at));
-            }
-            println!("{value}");
-        }
-        Command::Token(TokenCmd::List { user }) => {
-            let user_id = match user {
-                Some(user) => Some(
-                    store
-                        .user_by_id_or_name(&user)?
-                        .with_context(|| format!("user {user} not found"))?
-                        .id,
-                ),
-                None => None,
-            };
-            let names: std::collections::HashMap<String, String> =
-                store.users()?.into_iter().map(|u| (u.id, u.name)).collect();
-            let now = now_unix();
-            println!(
-                "{:<12} {:<16} {:<20} {:<20} {:<20} {:<8} DESCRIPTION",
-                "ID", "USER", "CREATED", "EXPIRES", "LAST USED", "STATE"
-            );
-            for t in store.api_tokens(user_id.as_deref())? {
-                let state = if t.revoked {
-                    "revoked"
-                } else if t.expired(now) {
-                    "expired"
-                } else {
-                    "active"
-                };
-                println!(
-                    "{:<12} {:<16} {:<20} {:<20} {:<20} {:<8} {}",
-                    t.id,
-                    names.get(&t.user_id).unwrap_or(&t.user_id),
-                    utc(t.created_at),
-                    t.expires_at.map_or_else(|| "never".to_owned(), utc),
-                    t.last_used_at.map_or_else(|| "never".to_owned(), utc),
-                    state,
-                    t.description
-                );
-            }
-        }
-        Command::Token(TokenCmd::Revoke { id }) => {
-            if !store.revoke_api_token(&id)? {
-                bail!("token {id} not found");
-            }
-            println!("token {id} revoked");
-        }
-        Command::Grant { user, cluster } => {
-            let u = store
-                .user_by_id_or_name(&user)?
-                .with_context(|| format!("user {user} not found"))?;
-            let c = store
-                .cluster_by_id_or_name(&cluster)?
-                .with_context(|| format!("cluster {cluster} not found"))?;
-            *target = format!("{} {}", u.id, c.id);
-            store.grant(&u.id, &c.id)?;
-            println!(
-                "user {} may now reach cluster {} ({})",
-                u.name, c.name, c.id
-            );
-        }
-        Command::Kubeconfig {
-            cluster,
-            user,
-            server_url,
-            ttl,
-        } => {
-            let expires_at = expiry(&ttl)?;
-            let url = server_url_of(store, server_url)?;
-            let u = store
-                .user_by_id_or_name(&user)?
-                .with_context(|| format!("user {user} not found"))?;
-            let c = store
-                .cluster_by_id_or_name(&cluster)?
-                .with_context(|| format!("cluster {cluster} not found"))?;
-            let (t, token) =
-                store.create_api_token(&u.id, &format!("kubeconfig for {}", c.name), expires_at)?;
-            *target = format!("{} for {} (kubeconfig of {})", t.id, u.name, c.id);
-            match expires_at {
-                Some(at) => eprintln!("the kubeconfig's token {} expires at {}", t.id, utc(at)),
-                None => eprintln!("the kubeconfig's token {} never expires", t.id),
-            }
-            let cacerts = store.setting("cacerts")?.unwrap_or_default();
-            print!(
-                "{}",
-                server_side::kubeconfig::render(&url, &c.id, &c.name, &u.name, &token, &cacerts)
-            );
-        }
-    }
-    Ok(())
-}
-
-fn server_url_of(store: &dyn Store, flag: Option<String>) -> anyhow::Result<String> {
-    match flag.or(store.setting("server-url")?) {
-        Some(url) => Ok(url.trim_end_matches('/').to_owned()),
-        None => bail!("no server URL known yet: pass --server-url or start the server once"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_formats_civil_time() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_796_661_250), "2026-12-07T16:34:10Z");
-    }
 }

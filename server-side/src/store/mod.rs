@@ -29,7 +29,7 @@ pub use handle::{LAST_USE_FLUSH_INTERVAL, StoreHandle, StoreLimits, TokenUseFlus
 pub use kube::{KubeStore, KubeStoreConfig};
 pub use sqlite::SqliteStore;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// An imported cluster and what its agent last reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Cluster {
     /// `c-xxxxx`.
@@ -143,7 +143,7 @@ impl Node {
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 /// A user of the proxied APIs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
     /// `u-xxxxxxxx`.
@@ -159,7 +159,7 @@ pub struct User {
 }
 
 /// An API token (its secret is shown once, at creation, and kept only as a hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiToken {
     /// `token-xxxxx`, the part before `:` in the bearer token.
