@@ -17,7 +17,7 @@ use crate::app::{SharedApp, stv_key};
 use crate::audit::{self, Mutation, Outcome};
 use crate::http_util::{authenticate, json_response, store_failure};
 use crate::import::{import_command, import_url};
-use crate::store::{Cluster, Node, StoreError};
+use crate::store::{Cluster, Node, StoreError, TunnelEnd};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
@@ -628,7 +628,13 @@ async fn dispatch(
                     .map_err(store_error)?,
                 "cluster",
             )?;
-            json_response(StatusCode::OK, &cluster_view(app, &c))
+            let mut view = cluster_view(app, &c);
+            let end = TunnelEnd {
+                cluster_id: c.id.clone(),
+                node_id: None,
+            };
+            view["presence"] = json!(store.presence(&end).await.map_err(store_error)?);
+            json_response(StatusCode::OK, &view)
         }
         Op::DeleteCluster => {
             let c = found(
@@ -731,7 +737,13 @@ async fn dispatch(
         }
         Op::GetNode => {
             let n = found(store.resolve_node(p(0)).await.map_err(store_error)?, "node")?;
-            json_response(StatusCode::OK, &node_view(app, &n))
+            let mut view = node_view(app, &n);
+            let end = TunnelEnd {
+                cluster_id: n.cluster_id.clone(),
+                node_id: Some(n.id.clone()),
+            };
+            view["presence"] = json!(store.presence(&end).await.map_err(store_error)?);
+            json_response(StatusCode::OK, &view)
         }
         Op::UpdateNode => {
             let update: NodeUpdate = read_json(body).await?;
@@ -922,13 +934,17 @@ fn schemas() -> Value {
             "tunnel": { "type": "boolean", "description": "the cluster agent's tunnel is registered" },
             "aggregationTunnel": { "type": "boolean", "description": "the stv-cluster tunnel is registered" },
             "connected": { "type": "boolean", "description": "GET /ping through the stv-cluster tunnel answered 200 at the last probe" },
-            "connectedMessage": { "type": "string", "nullable": true }, "checkedAt": { "type": "integer", "nullable": true } } },
+            "connectedMessage": { "type": "string", "nullable": true }, "checkedAt": { "type": "integer", "nullable": true },
+            "presence": { "$ref": "#/components/schemas/Presence" } } },
+        "Presence": { "type": "object", "nullable": true, "description": "the tunnel's live state as the replicas recorded it in the store (GET of one object only)", "properties": {
+            "connected": { "type": "boolean" }, "replica": { "type": "string", "description": "the replica that holds (or last held) the tunnel" },
+            "lastSeen": ts, "since": { "type": "integer", "format": "int64", "description": "Unix seconds connected last changed" } } },
         "ClusterList": list("Cluster"),
         "NewCluster": { "type": "object", "required": ["name"], "properties": { "name": { "type": "string" } } },
         "ClusterCreated": { "type": "object", "properties": { "cluster": { "$ref": "#/components/schemas/Cluster" }, "registrationToken": { "type": "string" }, "importUrl": { "type": "string" }, "importCommand": { "type": "string" } } },
         "ClusterImportList": list("ClusterImport"),
         "ClusterImport": { "type": "object", "properties": { "clusterId": { "type": "string" }, "registrationToken": { "type": "string" }, "importUrl": { "type": "string" }, "importCommand": { "type": "string" }, "caChecksum": { "type": "string" } } },
-        "Node": { "type": "object", "properties": { "id": { "type": "string", "example": "m-164546f60261" }, "clusterId": { "type": "string" }, "hostname": { "type": "string" }, "dockerSocket": { "type": "string" }, "createdAt": ts, "connected": { "type": "boolean" }, "params": { "type": "object" } } },
+        "Node": { "type": "object", "properties": { "id": { "type": "string", "example": "m-164546f60261" }, "clusterId": { "type": "string" }, "hostname": { "type": "string" }, "dockerSocket": { "type": "string" }, "createdAt": ts, "connected": { "type": "boolean" }, "params": { "type": "object" }, "presence": { "$ref": "#/components/schemas/Presence" } } },
         "NodeList": list("Node"),
         "NodeUpdate": { "type": "object", "required": ["dockerSocket"], "additionalProperties": false, "properties": { "dockerSocket": { "type": "string", "description": "absolute path, at most 80 bytes; default /var/run/docker.sock" } } },
         "User": { "type": "object", "properties": { "id": { "type": "string" }, "name": { "type": "string" }, "groups": { "type": "array", "items": { "type": "string" } }, "admin": { "type": "boolean" }, "createdAt": ts } },

@@ -27,6 +27,8 @@ pub struct AppConfig {
     pub probe_interval: Duration,
     /// The rate limit on failed agent authentications.
     pub auth_limit: AuthLimitConfig,
+    /// This replica's name, recorded as the holder of its tunnels ([`crate::presence`]).
+    pub replica: String,
 }
 
 /// Live connectivity of a cluster, as derived by the prober.

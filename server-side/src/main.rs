@@ -206,6 +206,10 @@ struct ServeArgs {
     /// Most connections open at once from one address (IPv6: its /64).
     #[arg(long, default_value_t = tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
     max_connections_per_peer: usize,
+    /// This replica's name, recorded as the holder of its tunnels (default: $POD_NAME, else
+    /// the host name).
+    #[arg(long, env = "TUNNEL_SERVER_REPLICA")]
+    replica_name: Option<String>,
     /// Seconds a client may take to send a request's headers (slow clients are cut).
     #[arg(long, default_value_t = 30.0)]
     header_read_timeout: f64,
@@ -359,6 +363,9 @@ fn serve(
         max_addresses: args.auth_failure_max_addresses,
     };
 
+    if let Some(replica) = args.replica_name {
+        config.replica = replica;
+    }
     config.metrics_listen = args.metrics_listen;
     config.max_connections = args.max_connections;
     config.max_connections_per_peer = args.max_connections_per_peer;

@@ -77,6 +77,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// The store (default: SQLite in the data directory).
     pub store: StoreBackend,
+    /// This replica's name in the store's presence records (default:
+    /// [`crate::presence::default_replica_name`]).
+    pub replica: String,
     /// Public URL; default `https://<listen address>`.
     pub server_url: Option<String>,
     /// TLS.
@@ -109,6 +112,7 @@ impl ServeConfig {
             listen: listen.into(),
             data_dir: data_dir.into(),
             store: StoreBackend::Sqlite,
+            replica: crate::presence::default_replica_name(),
             server_url: None,
             tls: TlsSource::Generated,
             agent_image: DEFAULT_AGENT_IMAGE.to_owned(),
@@ -299,6 +303,7 @@ impl Server {
                 node_agent_image: config.node_agent_image.clone(),
                 probe_interval: config.probe_interval,
                 auth_limit: config.auth_limit.clone(),
+                replica: config.replica.clone(),
             },
         ));
 
@@ -354,6 +359,7 @@ impl Server {
         tokio::spawn(crate::probe::run(self.app.clone(), background.clone()));
         tokio::spawn(count_sessions(self.app.clone(), background.clone()));
         tokio::spawn(crate::live::run(self.app.clone(), background.clone()));
+        let presence = tokio::spawn(crate::presence::run(self.app.clone(), background.clone()));
         if let Some(listener) = self.metrics_listener {
             tokio::spawn(crate::routes::serve_metrics(
                 self.app.clone(),
@@ -366,6 +372,8 @@ impl Server {
         tokio::spawn(flusher.run(background.clone()));
         self.acceptor.serve(self.listener, shutdown).await;
         background.cancel();
+        // Tunnels still held are marked disconnected (bounded).
+        let _ = presence.await;
         // The API-token uses noted since the last flush.
         if let Err(err) = store.flush_token_uses().await {
             tracing::warn!(error = %err, "cannot record the last API token uses at shutdown");

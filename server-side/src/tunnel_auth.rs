@@ -533,6 +533,7 @@ mod tests {
                     refill_per_sec: 0.001,
                     max_addresses: 16,
                 },
+                replica: "test".to_owned(),
             },
         );
         (app, token.token)

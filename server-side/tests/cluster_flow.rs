@@ -300,6 +300,16 @@ async fn tunnel_endpoint_statuses_and_messages_match_rancher() {
         // A node registers on /register (created), then connects on /v3/connect.
         let node = json!({"node": {"requestedHostname": "node1", "customConfig": {"address": "10.0.0.5"}}});
         let t = connect_agent(&server, "/v3/connect/register", agent_headers(&token, &node), trust.clone(), None).await.expect("node registers");
+        // The server stores the node once the websocket is up (a registration token alone
+        // writes nothing), so registration is over when the node is listed, not when the
+        // handshake returns: a reconnect before that gets "not found" and retries.
+        let admin = add_user(dir.path(), "root", &["--admin"]);
+        let http = server.client();
+        eventually(Duration::from_secs(10), "the node stored", || async {
+            let n = http.api("GET", "/v1/nodes", &admin, None).await.json();
+            (n["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+        })
+        .await;
         t.close();
         connect_agent(&server, "/v3/connect", agent_headers(&token, &node), trust.clone(), None).await.expect("node reconnects");
     })

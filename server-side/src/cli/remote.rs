@@ -392,9 +392,10 @@ impl Client {
 /// The server's message: the `message` of a JSON error, else the text body, else the status.
 fn message_of(status: StatusCode, body: &[u8]) -> String {
     if let Ok(v) = serde_json::from_slice::<Value>(body)
-        && let Some(m) = v.get("message").and_then(Value::as_str) {
-            return m.to_owned();
-        }
+        && let Some(m) = v.get("message").and_then(Value::as_str)
+    {
+        return m.to_owned();
+    }
     let text = String::from_utf8_lossy(body).trim().to_owned();
     if text.is_empty() {
         status.to_string()
