@@ -55,6 +55,9 @@ impl Default for StoreLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LaneKind {
     Read,
+    /// A read the store may answer from memory ([`Store::reads_from_memory`]): then it runs
+    /// inline, without a blocking thread; otherwise in the read lane.
+    Cached,
     Write,
 }
 
@@ -260,7 +263,10 @@ impl StoreHandle {
         F: FnOnce(&dyn Store) -> T + Send + 'static,
     {
         let lane = match kind {
-            LaneKind::Read => &self.inner.reads,
+            LaneKind::Cached if self.inner.store.reads_from_memory() => {
+                return Ok(f(self.inner.store.as_ref()));
+            }
+            LaneKind::Read | LaneKind::Cached => &self.inner.reads,
             LaneKind::Write => &self.inner.writes,
         };
         if lane.admitted.fetch_add(1, Ordering::AcqRel) >= lane.limit {
@@ -294,6 +300,11 @@ impl StoreHandle {
     }
 
     mirror! { Read:
+        fn pki(&self) -> Option<ServerPki>;
+        fn setting(&self, name: &str) -> Option<String>;
+    }
+
+    mirror! { Cached:
         fn cluster(&self, id: &str) -> Option<Cluster>;
         fn cluster_by_id_or_name(&self, id_or_name: &str) -> Option<Cluster>;
         fn clusters(&self) -> Vec<Cluster>;
@@ -307,8 +318,6 @@ impl StoreHandle {
         fn users(&self) -> Vec<User>;
         fn grants(&self) -> Vec<Grant>;
         fn is_granted(&self, user_id: &str, cluster_id: &str) -> bool;
-        fn pki(&self) -> Option<ServerPki>;
-        fn setting(&self, name: &str) -> Option<String>;
         fn presence(&self, end: &TunnelEnd) -> Option<Presence>;
         fn revision(&self) -> u64;
     }
@@ -378,12 +387,12 @@ impl StoreHandle {
 
     // === API tokens: reads on the request path, uses noted in memory ===
 
-    /// [`Store::authenticate`] (read lane); a success is noted as the token's last use, written
+    /// [`Store::authenticate`] (read lane, or inline from memory); a success is noted as the token's last use, written
     /// by the next [`StoreHandle::flush_token_uses`].
     pub async fn authenticate(&self, bearer: &str) -> Result<Option<User>> {
         let owned = bearer.to_owned();
         let user = self
-            .run(LaneKind::Read, move |store| store.authenticate(&owned))
+            .run(LaneKind::Cached, move |store| store.authenticate(&owned))
             .await??;
         if user.is_some()
             && let Some((id, _)) = bearer.split_once(':')

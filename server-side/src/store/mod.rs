@@ -399,6 +399,13 @@ pub trait Store: Send + Sync + 'static {
     /// The live state of `end` as last recorded.
     fn presence(&self, end: &TunnelEnd) -> Result<Option<Presence>>;
 
+    // === how reads are served ===
+
+    /// Whether every read but [`Store::pki`] and [`Store::setting`] is answered from memory
+    /// without blocking (the Kubernetes store's caches), so that [`StoreHandle`] may call it
+    /// on the runtime instead of a blocking thread. SQLite reads may wait on a lock: false.
+    fn reads_from_memory(&self) -> bool;
+
     // === change detection ===
 
     /// A number that changes whenever anyone (this process or another one, such as the admin

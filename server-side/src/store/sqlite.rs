@@ -928,6 +928,10 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
+    fn reads_from_memory(&self) -> bool {
+        false
+    }
+
     fn revision(&self) -> Result<u64> {
         let value: i64 = match &self.watch {
             Some(watch) => watch.lock().unwrap_or_else(|p| p.into_inner()).query_row(

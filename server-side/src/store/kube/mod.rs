@@ -1465,6 +1465,10 @@ impl Store for KubeStore {
             .and_then(presence_of))
     }
 
+    fn reads_from_memory(&self) -> bool {
+        true
+    }
+
     fn revision(&self) -> Result<u64> {
         Ok(self.shared.revision.load(Ordering::Acquire))
     }
