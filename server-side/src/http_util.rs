@@ -55,9 +55,10 @@ pub async fn authenticate<B>(
         .get::<PeerAddr>()
         .map(|p| AddrKey::of(p.0.ip()));
     if let Some(addr) = addr.filter(|_| !app.known_good.contains(token))
-        && let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::ApiToken) {
-            return Err(too_many_failures(addr, retry_after));
-        }
+        && let Err(retry_after) = auth_limit_gate(app, addr, now, Credential::ApiToken)
+    {
+        return Err(too_many_failures(addr, retry_after));
+    }
     match app.store.authenticate(token).await {
         Ok(Some(user)) => {
             app.known_good.insert(token, now);

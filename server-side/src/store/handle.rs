@@ -369,9 +369,10 @@ impl StoreHandle {
             .run(LaneKind::Read, move |store| store.authenticate(&owned))
             .await??;
         if user.is_some()
-            && let Some((id, _)) = bearer.split_once(':') {
-                self.note_token_use(id, now_unix());
-            }
+            && let Some((id, _)) = bearer.split_once(':')
+        {
+            self.note_token_use(id, now_unix());
+        }
         Ok(user)
     }
 

@@ -142,13 +142,14 @@ impl Deref for ReadConn<'_> {
 impl Drop for ReadConn<'_> {
     fn drop(&mut self) {
         if let Self::Pooled { pool, conn } = self
-            && let Some(conn) = conn.take() {
-                pool.idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(conn);
-                pool.returned.notify_one();
-            }
+            && let Some(conn) = conn.take()
+        {
+            pool.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+            pool.returned.notify_one();
+        }
     }
 }
 
