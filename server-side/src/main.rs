@@ -94,6 +94,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (YAML for kubectl apply).
     Crds,
+    /// Copy every record from one store to another, keeping ids, timestamps and tokens.
+    Migrate(server_side::migrate::MigrateArgs),
     /// Manage clusters.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -288,6 +290,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", server_side::store::kube::crd::crds_yaml());
             return Ok(());
         }
+        Command::Migrate(args) => return Ok(server_side::migrate::run(args, &cli.kube_config())?),
         _ => cli.open_store()?,
     };
     match cli.command {
@@ -384,6 +387,7 @@ fn mutation_of(command: &Command) -> Option<Mutation> {
     Some(match command {
         Command::Serve(_)
         | Command::Crds
+        | Command::Migrate(_)
         | Command::Cluster(ClusterCmd::List)
         | Command::User(UserCmd::List)
         | Command::Token(TokenCmd::List { .. }) => return None,
@@ -475,7 +479,9 @@ fn utc(ts: i64) -> String {
 
 fn run_admin(store: &dyn Store, command: Command, target: &mut String) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) | Command::Crds => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Crds | Command::Migrate(_) => {
+            unreachable!("handled by main")
+        }
         Command::Cluster(ClusterCmd::Add { name, server_url }) => {
             let url = server_url_of(store, server_url)?;
             let (cluster, token) = store.create_cluster(&name)?;
