@@ -4,7 +4,7 @@
 #   1. a private dockerd (tests/e2e/lib/dockerd.sh), the three images from deploy/images/build.sh,
 #      each started read-only, without capabilities, as its default user (--version), sizes;
 #   2. a real kube-apiserver + etcd on loopback (tests/e2e/lib/kube-apiserver.sh);
-#   3. tunnel-server from its image, run as deploy/server/deployment.yaml describes it
+#   3. tunnel-server from its image, run as deploy/server/base/deployment.yaml describes it
 #      (pod2docker.py plays the kubelet: env from the ConfigMap, security context, fsGroup on the
 #      PVC directory, probes); the import manifest is rendered by that server;
 #   4. every manifest through `kubectl apply --dry-run=server --validate=strict`, one object at a
@@ -160,13 +160,13 @@ step "kube-apiserver + etcd on loopback"
 . "$STATE/k8s/env"
 pass "kube-apiserver $(k version -o json 2>/dev/null | jq -r .serverVersion.gitVersion) ready at $APISERVER_URL"
 
-# --- 3. the server, as deploy/server/deployment.yaml runs it ----------------------------------
-step "tunnel-server from its image, as deploy/server/deployment.yaml describes it"
+# --- 3. the server, as deploy/server/base/deployment.yaml runs it ----------------------------------
+step "tunnel-server from its image, as deploy/server/base/deployment.yaml describes it"
 SPORT="$(free_port 127.0.0.1)"
 SURL="https://127.0.0.1:$SPORT"
 mkdir -p "$STATE/volumes" "$STATE/server-data"
 server_json="$(python3 "$here/pod2docker.py" \
-    --manifest "$repo/deploy/server/deployment.yaml" --manifest "$repo/deploy/server/configmap.yaml" \
+    --manifest "$repo/deploy/server/base/deployment.yaml" --manifest "$repo/deploy/server/base/configmap.yaml" \
     --kind Deployment --name tunnel-server --docker-name "$C_SERVER" --volumes-dir "$STATE/volumes" \
     --network host --set-arg="--listen=127.0.0.1:$SPORT" --env "SERVER_URL=$SURL" \
     --pvc "tunnel-server-data=$STATE/server-data" --port-remap "8443=$SPORT")"
@@ -192,7 +192,7 @@ step "kubectl apply --dry-run=server --validate=strict, one object at a time"
 # Server-side dry-run does not create namespaces, and namespaced objects need theirs: create the
 # two for real first (from the manifests themselves). cattle-system also gets a test-only
 # "warn: restricted" label so the Pod Security verdict of each workload is reported.
-k apply -f "$repo/deploy/server/namespace.yaml" >/dev/null
+k apply -f "$repo/deploy/server/base/namespace.yaml" >/dev/null
 python3 - "$STATE/import.yaml" <<'PY' | k apply -f - >/dev/null
 import sys, yaml
 ns = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o and o["kind"] == "Namespace"]

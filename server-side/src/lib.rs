@@ -28,6 +28,7 @@ pub mod import;
 pub mod kubeconfig;
 pub mod live;
 pub mod metrics;
+pub mod migrate;
 pub mod pki;
 pub mod presence;
 pub mod probe;

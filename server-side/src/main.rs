@@ -115,6 +115,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (YAML for kubectl apply).
     Crds,
+    /// Copy every record from one store to another, keeping ids, timestamps and tokens.
+    Migrate(server_side::migrate::MigrateArgs),
     /// Manage clusters.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -325,6 +327,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", server_side::store::kube::crd::crds_yaml());
             Ok(())
         }
+        Command::Migrate(args) => Ok(server_side::migrate::run(&args, &choice.kube)?),
         Command::Serve(args) => serve(choice.data_dir.clone(), choice.open()?, args),
         Command::Login(args) => cli::login(&cli.target, args),
         Command::Context(cmd) => cli::context_command(cmd),
@@ -429,6 +432,7 @@ fn mutation_of(command: &Command) -> Option<Mutation> {
         | Command::Crds
         | Command::Login(_)
         | Command::Context(_)
+        | Command::Migrate(_)
         | Command::Cluster(ClusterCmd::List)
         | Command::User(UserCmd::List)
         | Command::Token(TokenCmd::List { .. }) => return None,

@@ -487,7 +487,7 @@ step "kubectl apply --dry-run=server of the project's deploy/ manifests, through
 kd create clusterrolebinding e2e-admin-cluster-admin --clusterrole=cluster-admin --user=e2e-admin | indent
 ts kubeconfig e2e-downstream --user e2e-admin >"$W/e2e-admin.kubeconfig"
 chmod 600 "$W/e2e-admin.kubeconfig"
-kc e2e-admin apply -f "$REPO/deploy/server/namespace.yaml" | indent
+kc e2e-admin apply -f "$REPO/deploy/server/base/namespace.yaml" | indent
 kc e2e-admin apply -k "$REPO/deploy/server" --dry-run=server --validate=strict 2>&1 | indent
 kc e2e-admin apply -f "$W/import.yaml" --dry-run=server --validate=strict 2>&1 | indent
 n_server="$(kc e2e-admin apply -k "$REPO/deploy/server" --dry-run=server -o name | wc -l)"

@@ -29,6 +29,8 @@ pub use handle::{LAST_USE_FLUSH_INTERVAL, StoreHandle, StoreLimits, TokenUseFlus
 pub use kube::{KubeStore, KubeStoreConfig};
 pub use sqlite::SqliteStore;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Why a store call failed.
@@ -59,6 +61,9 @@ pub enum StoreError {
         /// The lane's bound (running plus waiting).
         limit: usize,
     },
+    /// [`Store::import`] with [`ImportInto::Empty`] into a store that holds something.
+    #[error("the target store is not empty: it has {0}")]
+    NotEmpty(String),
     /// The database was written by a newer version of this program.
     #[error("database schema version {found} is newer than this program's {supported}")]
     TooNew {
@@ -413,6 +418,120 @@ pub trait Store: Send + Sync + 'static {
     /// second: the server's revocation loop ([`crate::live`]) reconciles live tunnels and
     /// streams only when it moves.
     fn revision(&self) -> Result<u64>;
+
+    // === moving between backends ===
+
+    /// Every record, API tokens as their stored hashes, in [`Snapshot::sort`]'s order: what
+    /// [`Store::import`] into another backend needs to carry on where this one was.
+    fn export(&self) -> Result<Snapshot>;
+    /// Creates every record of `snapshot` with its ids, timestamps, hashes and tokens as they
+    /// are, so agents' registration tokens and users' bearer tokens keep working.
+    ///
+    /// Into an empty store unless `into` is [`ImportInto::Existing`]: then a record whose id
+    /// is already taken is kept as the target has it (re-running an interrupted import
+    /// completes it), and so are the PKI and any setting the target already has; a display
+    /// name held by another id is a [`StoreError::Conflict`]. Not one transaction for the
+    /// Kubernetes store: a failure leaves what was created so far.
+    fn import(&self, snapshot: &Snapshot, into: ImportInto) -> Result<()>;
+}
+
+/// Every record of a store ([`Store::export`], [`Store::import`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// With the agent's report, service-account token included.
+    pub clusters: Vec<Cluster>,
+    /// The tokens themselves (agents send them verbatim).
+    pub registration_tokens: Vec<RegistrationToken>,
+    /// With params and Docker socket.
+    pub nodes: Vec<Node>,
+    /// Users.
+    pub users: Vec<User>,
+    /// API tokens with the SHA-256 of their secrets.
+    pub api_tokens: Vec<StoredApiToken>,
+    /// Grants.
+    pub grants: Vec<Grant>,
+    /// The server's CA and serving certificate, if created.
+    pub pki: Option<ServerPki>,
+    /// Settings by name.
+    pub settings: BTreeMap<String, String>,
+}
+
+/// An API token as stored: its record and the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredApiToken {
+    /// The record.
+    pub token: ApiToken,
+    /// SHA-256 of the secret (the part after `:` of the bearer value).
+    pub secret_sha256: Vec<u8>,
+}
+
+/// What [`Store::import`] may import into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportInto {
+    /// Only a store without any record, PKI or setting.
+    Empty,
+    /// Any store: what it already has stays as it is.
+    Existing,
+}
+
+impl Snapshot {
+    /// Puts every list in one order (by id; nodes by cluster and machine; grants by user and
+    /// cluster), so snapshots of two backends compare equal when their records are.
+    pub fn sort(&mut self) {
+        self.clusters.sort_by(|a, b| a.id.cmp(&b.id));
+        self.registration_tokens
+            .sort_by(|a, b| (&a.cluster_id, &a.token).cmp(&(&b.cluster_id, &b.token)));
+        self.nodes
+            .sort_by(|a, b| (&a.cluster_id, &a.id).cmp(&(&b.cluster_id, &b.id)));
+        self.users.sort_by(|a, b| a.id.cmp(&b.id));
+        self.api_tokens.sort_by(|a, b| a.token.id.cmp(&b.token.id));
+        self.grants
+            .sort_by(|a, b| (&a.user_id, &a.cluster_id).cmp(&(&b.user_id, &b.cluster_id)));
+    }
+
+    /// Whether there is no record, PKI or setting at all.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+            && self.registration_tokens.is_empty()
+            && self.nodes.is_empty()
+            && self.users.is_empty()
+            && self.api_tokens.is_empty()
+            && self.grants.is_empty()
+            && self.pki.is_none()
+            && self.settings.is_empty()
+    }
+
+    /// `3 clusters, 4 registration tokens, ...`: what it holds, for humans.
+    pub fn counts(&self) -> String {
+        format!(
+            "{} clusters ({} with an agent report), {} registration tokens, {} nodes, {} users, \
+             {} API tokens, {} grants, {} PKI, {} settings",
+            self.clusters.len(),
+            self.clusters
+                .iter()
+                .filter(|c| c.sa_token.is_some())
+                .count(),
+            self.registration_tokens.len(),
+            self.nodes.len(),
+            self.users.len(),
+            self.api_tokens.len(),
+            self.grants.len(),
+            if self.pki.is_some() { "a" } else { "no" },
+            self.settings.len(),
+        )
+    }
+}
+
+/// Fails with [`StoreError::NotEmpty`] if `into` asks for an empty target and `target`'s
+/// snapshot is not.
+pub(crate) fn check_target(target: &dyn Store, into: ImportInto) -> Result<()> {
+    if into == ImportInto::Empty {
+        let existing = target.export()?;
+        if !existing.is_empty() {
+            return Err(StoreError::NotEmpty(existing.counts()));
+        }
+    }
+    Ok(())
 }
 
 /// The node a user-facing reference names: `<cluster-id>:<machine>` (always unambiguous), or

@@ -19,8 +19,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ApiToken, Cluster, ClusterAgentReport, Grant, Node, Presence, RegistrationToken, Result,
-    ServerPki, Store, StoreError, TunnelEnd, User, now_unix,
+    ApiToken, Cluster, ClusterAgentReport, Grant, ImportInto, Node, Presence, RegistrationToken,
+    Result, ServerPki, Snapshot, Store, StoreError, StoredApiToken, TunnelEnd, User, now_unix,
 };
 use crate::tokens;
 
@@ -290,6 +290,14 @@ fn conflict_or(err: rusqlite::Error, what: impl FnOnce() -> String) -> StoreErro
             StoreError::Conflict(what())
         }
         _ => StoreError::Sqlite(err),
+    }
+}
+
+/// A foreign-key violation as the missing record it names.
+fn missing(err: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    match conflict_or(err, String::new) {
+        StoreError::Conflict(_) => StoreError::NotFound(what()),
+        other => other,
     }
 }
 
@@ -945,6 +953,200 @@ impl Store for SqliteStore {
                 .query_row("SELECT total_changes()", [], |r| r.get(0))?,
         };
         Ok(value as u64)
+    }
+
+    fn export(&self) -> Result<Snapshot> {
+        let conn = self.read();
+        // One read transaction: a consistent picture while the server keeps writing.
+        let tx = conn.unchecked_transaction()?;
+        let mut snapshot = Snapshot {
+            clusters: collect(
+                tx.prepare(&format!("SELECT {CLUSTER_COLS} FROM clusters"))?
+                    .query_map([], cluster_row)?,
+            )?,
+            registration_tokens: collect(
+                tx.prepare("SELECT token, cluster_id, created_at FROM registration_tokens")?
+                    .query_map([], |r| {
+                        Ok(RegistrationToken {
+                            token: r.get(0)?,
+                            cluster_id: r.get(1)?,
+                            created_at: r.get(2)?,
+                        })
+                    })?,
+            )?,
+            nodes: collect(
+                tx.prepare(&format!("SELECT {NODE_COLS} FROM nodes"))?
+                    .query_map([], node_row)?,
+            )?,
+            users: collect(
+                tx.prepare(&format!("SELECT {USER_COLS} FROM users"))?
+                    .query_map([], user_row)?,
+            )?,
+            api_tokens: collect(
+                tx.prepare(&format!(
+                    "SELECT {TOKEN_COLS}, secret_sha256 FROM api_tokens"
+                ))?
+                .query_map([], |r| {
+                    Ok(StoredApiToken {
+                        token: token_row(r)?,
+                        secret_sha256: r.get(7)?,
+                    })
+                })?,
+            )?,
+            grants: collect(
+                tx.prepare("SELECT user_id, cluster_id, created_at FROM grants")?
+                    .query_map([], |r| {
+                        Ok(Grant {
+                            user_id: r.get(0)?,
+                            cluster_id: r.get(1)?,
+                            created_at: r.get(2)?,
+                        })
+                    })?,
+            )?,
+            pki: None,
+            settings: collect(
+                tx.prepare("SELECT name, value FROM settings")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?,
+            )?
+            .into_iter()
+            .collect(),
+        };
+        tx.commit()?;
+        drop(conn);
+        snapshot.pki = self.pki()?;
+        snapshot.sort();
+        Ok(snapshot)
+    }
+
+    fn import(&self, snapshot: &Snapshot, into: ImportInto) -> Result<()> {
+        let mut conn = self.conn();
+        // One write transaction: all of it or nothing, and nobody writes in between the check
+        // for an empty store and the inserts.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if into == ImportInto::Empty {
+            let held: i64 = tx.query_row(
+                "SELECT (SELECT count(*) FROM clusters) + (SELECT count(*) FROM registration_tokens) \
+                 + (SELECT count(*) FROM nodes) + (SELECT count(*) FROM users) \
+                 + (SELECT count(*) FROM api_tokens) + (SELECT count(*) FROM grants) \
+                 + (SELECT count(*) FROM pki) + (SELECT count(*) FROM settings)",
+                [],
+                |r| r.get(0),
+            )?;
+            if held > 0 {
+                return Err(StoreError::NotEmpty(format!("{held} rows")));
+            }
+        }
+        // A taken key keeps the target's row (ON CONFLICT on the primary key); a display name
+        // taken under another id violates UNIQUE: a conflict.
+        for c in &snapshot.clusters {
+            tx.execute(
+                "INSERT INTO clusters (id, name, created_at, api_endpoint, ca_cert, sa_token) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                params![
+                    c.id,
+                    c.name,
+                    c.created_at,
+                    c.api_endpoint,
+                    c.ca_cert,
+                    c.sa_token
+                ],
+            )
+            .map_err(|e| conflict_or(e, || format!("cluster {:?}", c.name)))?;
+        }
+        for t in &snapshot.registration_tokens {
+            tx.execute(
+                "INSERT INTO registration_tokens (token, cluster_id, created_at) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (token) DO NOTHING",
+                params![t.token, t.cluster_id, t.created_at],
+            )
+            .map_err(|e| {
+                missing(e, || {
+                    format!("cluster {} of a registration token", t.cluster_id)
+                })
+            })?;
+        }
+        for n in &snapshot.nodes {
+            tx.execute(
+                "INSERT INTO nodes (cluster_id, id, hostname, docker_socket, params, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (cluster_id, id) DO NOTHING",
+                params![
+                    n.cluster_id,
+                    n.id,
+                    n.hostname,
+                    n.docker_socket,
+                    n.params.to_string(),
+                    n.created_at
+                ],
+            )
+            .map_err(|e| missing(e, || format!("cluster {} of node {}", n.cluster_id, n.id)))?;
+        }
+        for u in &snapshot.users {
+            let groups =
+                serde_json::to_string(&u.groups).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO users (id, name, groups_json, admin, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+                params![u.id, u.name, groups, u.admin, u.created_at],
+            )
+            .map_err(|e| conflict_or(e, || format!("user {:?}", u.name)))?;
+        }
+        for StoredApiToken {
+            token: t,
+            secret_sha256,
+        } in &snapshot.api_tokens
+        {
+            tx.execute(
+                "INSERT INTO api_tokens (id, user_id, secret_sha256, description, created_at, \
+                 revoked, expires_at, last_used_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (id) DO NOTHING",
+                params![
+                    t.id,
+                    t.user_id,
+                    secret_sha256,
+                    t.description,
+                    t.created_at,
+                    t.revoked,
+                    t.expires_at,
+                    t.last_used_at
+                ],
+            )
+            .map_err(|e| missing(e, || format!("user {} of token {}", t.user_id, t.id)))?;
+        }
+        for g in &snapshot.grants {
+            tx.execute(
+                "INSERT INTO grants (user_id, cluster_id, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (user_id, cluster_id) DO NOTHING",
+                params![g.user_id, g.cluster_id, g.created_at],
+            )
+            .map_err(|e| {
+                missing(e, || {
+                    format!("user {} or cluster {} of a grant", g.user_id, g.cluster_id)
+                })
+            })?;
+        }
+        if let Some(pki) = &snapshot.pki {
+            let sans =
+                serde_json::to_string(&pki.sans).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO pki (id, ca_cert_pem, ca_key_pem, cert_pem, key_pem, sans_json) \
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+                params![
+                    pki.ca_cert_pem,
+                    pki.ca_key_pem,
+                    pki.cert_pem,
+                    pki.key_pem,
+                    sans
+                ],
+            )?;
+        }
+        for (name, value) in &snapshot.settings {
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                [name, value],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

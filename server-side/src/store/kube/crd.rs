@@ -268,7 +268,7 @@ fn any_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 /// The CustomResourceDefinitions of the store, as one multi-document YAML (what
-/// `tunnel-server crds` prints and `deploy/server/kubernetes/crds.yaml` holds).
+/// `tunnel-server crds` prints and `deploy/server/kubernetes-store/crds.yaml` holds).
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
     let crds = [

@@ -51,8 +51,8 @@ use self::crd::{
 };
 use self::seal::Sealer;
 use super::{
-    ApiToken, Cluster, ClusterAgentReport, Grant, Node, Presence, RegistrationToken, Result,
-    ServerPki, Store, StoreError, TunnelEnd, User, now_unix,
+    ApiToken, Cluster, ClusterAgentReport, Grant, ImportInto, Node, Presence, RegistrationToken,
+    Result, ServerPki, Snapshot, Store, StoreError, StoredApiToken, TunnelEnd, User, now_unix,
 };
 use crate::tokens;
 
@@ -183,6 +183,33 @@ fn node_name(cluster_id: &str, machine: &str) -> String {
 
 fn grant_name(user_id: &str, cluster_id: &str) -> String {
     format!("{user_id}.{cluster_id}")
+}
+
+fn node_obj(node: &Node) -> NodeObj {
+    NodeObj {
+        metadata: meta(
+            &node_name(&node.cluster_id, &node.id),
+            &[(LABEL_CLUSTER, &node.cluster_id)],
+        ),
+        spec: NodeSpec {
+            cluster_id: node.cluster_id.clone(),
+            machine_id: node.id.clone(),
+            hostname: node.hostname.clone(),
+            docker_socket: node.docker_socket.clone(),
+            created_at: node.created_at,
+            params: node.params.clone(),
+        },
+        status: None,
+    }
+}
+
+/// Whether `obj` has `label` set to `value`.
+fn labelled<K: Resource>(obj: &K, label: &str, value: &str) -> bool {
+    obj.meta()
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(label))
+        .is_some_and(|v| v == value)
 }
 
 fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
@@ -822,11 +849,14 @@ impl Shared {
             cluster_id: cluster_id.to_owned(),
             created_at: now_unix(),
         };
-        self.put_registration_token(&record).await?;
+        if !self.put_registration_token(&record).await? {
+            return Err(StoreError::Conflict("registration token".into()));
+        }
         Ok(record)
     }
 
-    async fn put_registration_token(&self, record: &RegistrationToken) -> Result<()> {
+    /// Creates a registration token object; false if the token is taken.
+    async fn put_registration_token(&self, record: &RegistrationToken) -> Result<bool> {
         let obj = ClusterRegistrationToken {
             metadata: meta(
                 &registration_token_name(&record.token),
@@ -839,10 +869,7 @@ impl Shared {
                 created_at: record.created_at,
             },
         };
-        match self.registration_tokens.create(self, &obj).await? {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Conflict("registration token".into())),
-        }
+        Ok(self.registration_tokens.create(self, &obj).await?.is_some())
     }
 
     async fn delete_registration_token(&self, cluster_id: &str, token: &str) -> Result<bool> {
@@ -860,27 +887,35 @@ impl Shared {
             return Err(StoreError::NotFound(format!("cluster {}", node.cluster_id)));
         }
         let name = node_name(&node.cluster_id, &node.id);
-        let obj = NodeObj {
-            metadata: meta(&name, &[(LABEL_CLUSTER, &node.cluster_id)]),
-            spec: NodeSpec {
-                cluster_id: node.cluster_id.clone(),
-                machine_id: node.id.clone(),
-                hostname: node.hostname.clone(),
-                docker_socket: node.docker_socket.clone(),
-                created_at: node.created_at,
-                params: node.params.clone(),
-            },
-            status: None,
-        };
-        if self.nodes.create(self, &obj).await?.is_some() {
-            return Ok(());
+        for _ in 0..CONFLICT_RETRIES {
+            if self.nodes.create(self, &node_obj(node)).await?.is_some() {
+                return Ok(());
+            }
+            // It exists: the hostname and params change, the rest stays (as SQLite's upsert).
+            // Replaced with the resourceVersion read: a merge patch would merge the old params
+            // into the new ones, and `params: null` first is refused (the field is required).
+            let Some(mut current) = self.nodes.api.get_opt(&name).await? else {
+                continue; // deleted meanwhile: create it
+            };
+            current.spec.hostname = node.hostname.clone();
+            current.spec.params = node.params.clone();
+            match self
+                .nodes
+                .api
+                .replace(&name, &PostParams::default(), &current)
+                .await
+            {
+                Ok(replaced) => {
+                    self.nodes.until_holds(self, &replaced).await;
+                    return Ok(());
+                }
+                Err(e) if is_api(&e, |s| s.is_conflict()) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        // It exists: the hostname and params change, the rest stays (as SQLite's upsert).
-        let patch = json!({ "spec": { "hostname": node.hostname, "params": null } });
-        self.nodes.merge(self, &name, patch, false).await?;
-        let patch = json!({ "spec": { "params": node.params } });
-        self.nodes.merge(self, &name, patch, false).await?;
-        Ok(())
+        Err(StoreError::Backend(format!(
+            "node {name}: still conflicting after {CONFLICT_RETRIES} attempts"
+        )))
     }
 
     async fn create_user(&self, name: &str, groups: &[String], admin: bool) -> Result<User> {
@@ -1040,6 +1075,121 @@ impl Shared {
         Err(StoreError::Backend(format!(
             "Secret {STATE_SECRET}: still conflicting after {CONFLICT_RETRIES} attempts"
         )))
+    }
+
+    /// [`Store::import`]'s work: every object created under its record's id, in an order in
+    /// which what an object refers to exists first; an object whose name is taken is kept.
+    async fn import(&self, snapshot: &Snapshot) -> Result<()> {
+        for c in &snapshot.clusters {
+            self.check_name_free(&self.clusters, "cluster", &c.name, &c.id)?;
+            let obj = ClusterObj {
+                metadata: meta(&c.id, &[(LABEL_NAME_HASH, &short_hash(&c.name))]),
+                spec: ClusterSpec {
+                    display_name: c.name.clone(),
+                    created_at: c.created_at,
+                },
+                status: None,
+            };
+            let created = self.clusters.create(self, &obj).await?.is_some();
+            if let (true, Some(api_endpoint), Some(ca_cert), Some(sa_token)) =
+                (created, &c.api_endpoint, &c.ca_cert, &c.sa_token)
+            {
+                let report = ClusterAgentReport {
+                    api_endpoint: api_endpoint.clone(),
+                    ca_cert: ca_cert.clone(),
+                    sa_token: sa_token.clone(),
+                };
+                self.set_cluster_agent_report(&c.id, &report).await?;
+            }
+        }
+        for t in &snapshot.registration_tokens {
+            if !self.cluster_exists(&t.cluster_id) {
+                return Err(StoreError::NotFound(format!(
+                    "cluster {} of a registration token",
+                    t.cluster_id
+                )));
+            }
+            self.put_registration_token(t).await?;
+        }
+        for n in &snapshot.nodes {
+            if !self.cluster_exists(&n.cluster_id) {
+                return Err(StoreError::NotFound(format!(
+                    "cluster {} of node {}",
+                    n.cluster_id, n.id
+                )));
+            }
+            self.nodes.create(self, &node_obj(n)).await?;
+        }
+        for u in &snapshot.users {
+            self.check_name_free(&self.users, "user", &u.name, &u.id)?;
+            let obj = UserObj {
+                metadata: meta(&u.id, &[(LABEL_NAME_HASH, &short_hash(&u.name))]),
+                spec: UserSpec {
+                    display_name: u.name.clone(),
+                    groups: u.groups.clone(),
+                    admin: u.admin,
+                    created_at: u.created_at,
+                },
+            };
+            self.users.create(self, &obj).await?;
+        }
+        for t in &snapshot.api_tokens {
+            if !self.user_exists(&t.token.user_id) {
+                return Err(StoreError::NotFound(format!(
+                    "user {} of token {}",
+                    t.token.user_id, t.token.id
+                )));
+            }
+            let hash = data_encoding::HEXLOWER.encode(&t.secret_sha256);
+            self.put_api_token(&t.token, &hash).await?;
+        }
+        for g in &snapshot.grants {
+            if !self.user_exists(&g.user_id) || !self.cluster_exists(&g.cluster_id) {
+                return Err(StoreError::NotFound(format!(
+                    "user {} or cluster {} of a grant",
+                    g.user_id, g.cluster_id
+                )));
+            }
+            self.put_grant(g).await?;
+        }
+        let pki = snapshot.pki.as_ref().map(pki_values).transpose()?;
+        let settings = &snapshot.settings;
+        if pki.is_none() && settings.is_empty() {
+            return Ok(());
+        }
+        self.update_state(|data| {
+            if let Some(values) = &pki
+                && !PKI_FIELDS.iter().any(|k| data.contains_key(*k))
+            {
+                for (key, value) in PKI_FIELDS.iter().zip(values) {
+                    data.insert((*key).to_owned(), ByteString(value.clone().into_bytes()));
+                }
+            }
+            for (name, value) in settings {
+                data.entry(format!("{SETTING_PREFIX}{name}"))
+                    .or_insert_with(|| ByteString(value.clone().into_bytes()));
+            }
+        })
+        .await
+    }
+
+    /// A conflict if another object than `id` holds the display name `name`.
+    fn check_name_free<K: Object>(
+        &self,
+        kind: &Kind<K>,
+        what: &str,
+        name: &str,
+        id: &str,
+    ) -> Result<()> {
+        let name_hash = short_hash(name);
+        let taken = kind
+            .all()
+            .iter()
+            .any(|o| o.name_any() != id && labelled(o.as_ref(), LABEL_NAME_HASH, &name_hash));
+        if taken {
+            return Err(StoreError::Conflict(format!("{what} {name:?}")));
+        }
+        Ok(())
     }
 
     async fn state(&self) -> Result<BTreeMap<String, ByteString>> {
@@ -1371,34 +1521,11 @@ impl Store for KubeStore {
 
     fn pki(&self) -> Result<Option<ServerPki>> {
         let data = self.run(|s| async move { s.state().await })?;
-        let mut fields = Vec::with_capacity(PKI_FIELDS.len());
-        for key in PKI_FIELDS {
-            match text(&data, key)? {
-                Some(v) => fields.push(v),
-                None => return Ok(None),
-            }
-        }
-        let sans =
-            serde_json::from_str(&fields[4]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        Ok(Some(ServerPki {
-            ca_cert_pem: fields[0].clone(),
-            ca_key_pem: fields[1].clone(),
-            cert_pem: fields[2].clone(),
-            key_pem: fields[3].clone(),
-            sans,
-        }))
+        pki_of(&data)
     }
 
     fn set_pki(&self, pki: &ServerPki) -> Result<()> {
-        let sans =
-            serde_json::to_string(&pki.sans).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let values = [
-            pki.ca_cert_pem.clone(),
-            pki.ca_key_pem.clone(),
-            pki.cert_pem.clone(),
-            pki.key_pem.clone(),
-            sans,
-        ];
+        let values = pki_values(pki)?;
         self.run(|s| async move {
             s.update_state(|data| {
                 for (key, value) in PKI_FIELDS.iter().zip(&values) {
@@ -1472,4 +1599,102 @@ impl Store for KubeStore {
     fn revision(&self) -> Result<u64> {
         Ok(self.shared.revision.load(Ordering::Acquire))
     }
+
+    fn export(&self) -> Result<Snapshot> {
+        let data = self.run(|s| async move { s.state().await })?;
+        let s = &self.shared;
+        // As the reads: a record whose cluster or user is gone (a delete that stopped half
+        // way) counts as gone.
+        let mut snapshot = Snapshot {
+            clusters: s.clusters.all().iter().map(|c| s.cluster_of(c)).collect(),
+            registration_tokens: s
+                .registration_tokens
+                .cache
+                .state_filter(|t| s.cluster_exists(&t.spec.cluster_id))
+                .iter()
+                .map(|t| s.registration_token_of(t))
+                .collect::<Result<_>>()?,
+            nodes: s
+                .nodes
+                .cache
+                .state_filter(|n| s.cluster_exists(&n.spec.cluster_id))
+                .iter()
+                .map(|n| Shared::node_of(n))
+                .collect(),
+            users: s.users.all().iter().map(|u| Shared::user_of(u)).collect(),
+            api_tokens: s
+                .tokens
+                .cache
+                .state_filter(|t| s.user_exists(&t.spec.user_id))
+                .iter()
+                .map(|t| {
+                    Ok(StoredApiToken {
+                        token: Shared::api_token_of(t),
+                        secret_sha256: data_encoding::HEXLOWER
+                            .decode(t.spec.secret_hash.as_bytes())
+                            .map_err(|e| {
+                                StoreError::Corrupt(format!("token {}: {e}", t.name_any()))
+                            })?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            grants: s
+                .grants
+                .cache
+                .state_filter(|g| {
+                    s.user_exists(&g.spec.user_id) && s.cluster_exists(&g.spec.cluster_id)
+                })
+                .iter()
+                .map(|g| Shared::grant_of(g))
+                .collect(),
+            pki: pki_of(&data)?,
+            settings: data
+                .keys()
+                .filter_map(|k| k.strip_prefix(SETTING_PREFIX))
+                .map(|name| {
+                    let value = text(&data, &format!("{SETTING_PREFIX}{name}"))?;
+                    Ok((name.to_owned(), value.unwrap_or_default()))
+                })
+                .collect::<Result<_>>()?,
+        };
+        snapshot.sort();
+        Ok(snapshot)
+    }
+
+    fn import(&self, snapshot: &Snapshot, into: ImportInto) -> Result<()> {
+        super::check_target(self, into)?;
+        let snapshot = snapshot.clone();
+        self.run(|s| async move { s.import(&snapshot).await })
+    }
+}
+
+/// The PKI in the state Secret's data, if all of it is there.
+fn pki_of(data: &BTreeMap<String, ByteString>) -> Result<Option<ServerPki>> {
+    let mut fields = Vec::with_capacity(PKI_FIELDS.len());
+    for key in PKI_FIELDS {
+        match text(data, key)? {
+            Some(v) => fields.push(v),
+            None => return Ok(None),
+        }
+    }
+    let sans = serde_json::from_str(&fields[4]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Some(ServerPki {
+        ca_cert_pem: fields[0].clone(),
+        ca_key_pem: fields[1].clone(),
+        cert_pem: fields[2].clone(),
+        key_pem: fields[3].clone(),
+        sans,
+    }))
+}
+
+/// The state Secret's values of `pki`, in [`PKI_FIELDS`]' order.
+fn pki_values(pki: &ServerPki) -> Result<[String; 5]> {
+    let sans = serde_json::to_string(&pki.sans).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok([
+        pki.ca_cert_pem.clone(),
+        pki.ca_key_pem.clone(),
+        pki.cert_pem.clone(),
+        pki.key_pem.clone(),
+        sans,
+    ])
 }
