@@ -746,7 +746,8 @@ impl Shared {
             )
             .await?;
         let id = created.name_any();
-        let token = match self.create_registration_token(&id).await {
+        // The first token carries the cluster's creation time, as in SQLite's one transaction.
+        let token = match self.create_registration_token(&id, now).await {
             Ok(token) => token,
             Err(err) => {
                 // No cluster without a token: take it back.
@@ -796,7 +797,11 @@ impl Shared {
             .is_some())
     }
 
-    async fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken> {
+    async fn create_registration_token(
+        &self,
+        cluster_id: &str,
+        created_at: i64,
+    ) -> Result<RegistrationToken> {
         if !self.cluster_exists(cluster_id) {
             return Err(StoreError::NotFound(format!("cluster {cluster_id}")));
         }
@@ -804,7 +809,7 @@ impl Shared {
         let record = RegistrationToken {
             token: token.clone(),
             cluster_id: cluster_id.to_owned(),
-            created_at: now_unix(),
+            created_at,
         };
         self.put_registration_token(&record).await?;
         Ok(record)
@@ -1118,7 +1123,7 @@ impl Store for KubeStore {
 
     fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken> {
         let id = cluster_id.to_owned();
-        self.run(|s| async move { s.create_registration_token(&id).await })
+        self.run(|s| async move { s.create_registration_token(&id, now_unix()).await })
     }
 
     fn delete_registration_token(&self, cluster_id: &str, token: &str) -> Result<bool> {
