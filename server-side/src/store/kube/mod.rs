@@ -421,6 +421,14 @@ impl Shared {
     }
 }
 
+/// The resourceVersion as a number (an etcd revision), for ordering; unparsable: last.
+fn revision_of(meta: &ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
 /// Whether `cached` is at least as new as `written` (resourceVersions are etcd revisions;
 /// compared as numbers, else for equality).
 fn at_least(cached: Option<&str>, written: Option<&str>) -> bool {
@@ -1111,10 +1119,9 @@ impl Store for KubeStore {
             .registration_tokens
             .cache
             .state_filter(|t| t.spec.cluster_id == cluster_id);
-        objs.sort_by(|a, b| {
-            (a.spec.created_at, a.creation_timestamp())
-                .cmp(&(b.spec.created_at, b.creation_timestamp()))
-        });
+        // Registration tokens are never modified: their resourceVersion is the etcd revision
+        // of their creation, which orders tokens of the same second as SQLite's rowid does.
+        objs.sort_by_key(|t| (t.spec.created_at, revision_of(t.meta())));
         if !s.cluster_exists(cluster_id) {
             return Ok(Vec::new());
         }
