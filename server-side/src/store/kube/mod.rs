@@ -869,15 +869,36 @@ impl Shared {
             },
             status: None,
         };
-        if self.nodes.create(self, &obj).await?.is_some() {
-            return Ok(());
+        for _ in 0..CONFLICT_RETRIES {
+            if self.nodes.create(self, &obj).await?.is_some() {
+                return Ok(());
+            }
+            // It exists: the hostname and params change, the rest stays (as SQLite's upsert).
+            // The params are replaced, not merged (a merge patch would keep old keys, and
+            // nulling them first is refused: the field is required), so the object is
+            // replaced at the resourceVersion read.
+            let Some(mut current) = self.nodes.api.get_opt(&name).await? else {
+                continue; // deleted meanwhile: create it again
+            };
+            current.spec.hostname = node.hostname.clone();
+            current.spec.params = node.params.clone();
+            match self
+                .nodes
+                .api
+                .replace(&name, &PostParams::default(), &current)
+                .await
+            {
+                Ok(replaced) => {
+                    self.nodes.until_holds(self, &replaced).await;
+                    return Ok(());
+                }
+                Err(e) if is_api(&e, |s| s.is_conflict() || s.is_not_found()) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        // It exists: the hostname and params change, the rest stays (as SQLite's upsert).
-        let patch = json!({ "spec": { "hostname": node.hostname, "params": null } });
-        self.nodes.merge(self, &name, patch, false).await?;
-        let patch = json!({ "spec": { "params": node.params } });
-        self.nodes.merge(self, &name, patch, false).await?;
-        Ok(())
+        Err(StoreError::Backend(format!(
+            "node {name}: still conflicting after {CONFLICT_RETRIES} attempts"
+        )))
     }
 
     async fn create_user(&self, name: &str, groups: &[String], admin: bool) -> Result<User> {
