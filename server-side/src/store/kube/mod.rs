@@ -401,8 +401,15 @@ impl Shared {
     }
 
     /// Waits (bounded) until `done` holds of this process's caches: after a write, so that the
-    /// caller's next read sees it.
+    /// caller's next read sees it. Then moves the revision: the cache can show a watch event
+    /// before the watch task has counted it, and the caller's next [`Store::revision`] must
+    /// have moved past its own write.
     async fn until_cached(&self, done: impl Fn() -> bool) {
+        self.until_cached_unmoved(done).await;
+        self.revision.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn until_cached_unmoved(&self, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + OWN_WRITE_VISIBLE_WITHIN;
         loop {
             let notified = self.changed.notified();
