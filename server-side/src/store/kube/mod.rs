@@ -718,10 +718,11 @@ impl Shared {
     }
 
     /// The apiserver makes names unique, not display names. After creating `created`, list
-    /// (a quorum read) the holders of its display name: if anyone else holds it, withdraw
-    /// (delete ours) and report a conflict. Of two concurrent creators at most one keeps the
-    /// name: the later creation's list always sees the earlier object unless that one
-    /// withdrew. (Both may withdraw under a race; each caller gets a conflict and may retry.)
+    /// (a quorum read) the holders of its display name: the oldest holder keeps the name, by
+    /// creation time and then resourceVersion (the etcd revision of its creation, as long as
+    /// it has not been modified since), and every other holder withdraws (deletes its object)
+    /// and reports a conflict. Of concurrent creators exactly one keeps the name: the oldest
+    /// never sees an older holder, and every later one's list sees it.
     async fn claim_unique_name<K>(&self, kind: &Kind<K>, created: &K, name_hash: &str) -> Result<()>
     where
         K: Object,
@@ -731,11 +732,17 @@ impl Shared {
             .api
             .list_metadata(&ListParams::default().labels(&format!("{LABEL_NAME_HASH}={name_hash}")))
             .await?;
-        if holders
-            .items
-            .iter()
-            .all(|o| o.metadata.name.as_deref() == Some(mine.as_str()))
-        {
+        let oldest = holders.items.iter().min_by(|a, b| {
+            let key = |o: &kube::core::PartialObjectMeta<K>| {
+                (
+                    o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    revision_of(&o.metadata),
+                    o.metadata.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        if oldest.is_none_or(|o| o.metadata.name.as_deref() == Some(mine.as_str())) {
             return Ok(());
         }
         kind.delete(self, &mine).await?;
