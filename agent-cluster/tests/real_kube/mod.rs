@@ -103,6 +103,48 @@ impl RealKube {
         })
     }
 
+    /// Stops kube-apiserver, then etcd, keeping the directory (data, PKI, port).
+    pub fn stop(&self) {
+        self.script("stop");
+    }
+
+    /// Starts etcd and kube-apiserver again after [`RealKube::stop`], on the same port, so
+    /// every kubeconfig written so far stays valid (panics if the port was taken meanwhile).
+    pub fn start_again(&self) {
+        self.script("start");
+        let env = std::fs::read_to_string(self.dir.join("env")).unwrap();
+        let port = env
+            .lines()
+            .find_map(|l| l.strip_prefix("APISERVER_PORT="))
+            .unwrap_or_default();
+        assert_eq!(
+            port, self.env["APISERVER_PORT"],
+            "the apiserver moved to another port"
+        );
+    }
+
+    /// [`RealKube::stop`], then [`RealKube::start_again`].
+    pub fn restart(&self) {
+        self.stop();
+        self.start_again();
+    }
+
+    fn script(&self, cmd: &str) {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/e2e/lib/kube-apiserver.sh"))
+            .arg(cmd)
+            .arg(&self.dir)
+            .env("KUBECTL", &self.paths["KUBECTL"])
+            .output()
+            .expect("run kube-apiserver.sh");
+        assert!(
+            out.status.success(),
+            "kube-apiserver.sh {cmd} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn port(&self) -> u16 {
         self.env["APISERVER_PORT"].parse().unwrap()
     }

@@ -444,8 +444,15 @@ impl Shared {
     }
 
     /// Waits (bounded) until `done` holds of this process's caches: after a write, so that the
-    /// caller's next read sees it.
+    /// caller's next read sees it. Then moves the revision: the cache can show a watch event
+    /// before the watch task has counted it, and the caller's next [`Store::revision`] must
+    /// have moved past its own write.
     async fn until_cached(&self, done: impl Fn() -> bool) {
+        self.until_cached_unmoved(done).await;
+        self.revision.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn until_cached_unmoved(&self, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + OWN_WRITE_VISIBLE_WITHIN;
         loop {
             let notified = self.changed.notified();
@@ -462,6 +469,14 @@ impl Shared {
             }
         }
     }
+}
+
+/// The resourceVersion as a number (an etcd revision), for ordering; unparsable: last.
+fn revision_of(meta: &ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 /// Whether `cached` is at least as new as `written` (resourceVersions are etcd revisions;
@@ -746,10 +761,11 @@ impl Shared {
     }
 
     /// The apiserver makes names unique, not display names. After creating `created`, list
-    /// (a quorum read) the holders of its display name: if anyone else holds it, withdraw
-    /// (delete ours) and report a conflict. Of two concurrent creators at most one keeps the
-    /// name: the later creation's list always sees the earlier object unless that one
-    /// withdrew. (Both may withdraw under a race; each caller gets a conflict and may retry.)
+    /// (a quorum read) the holders of its display name: the oldest holder keeps the name, by
+    /// creation time and then resourceVersion (the etcd revision of its creation, as long as
+    /// it has not been modified since), and every other holder withdraws (deletes its object)
+    /// and reports a conflict. Of concurrent creators exactly one keeps the name: the oldest
+    /// never sees an older holder, and every later one's list sees it.
     async fn claim_unique_name<K>(&self, kind: &Kind<K>, created: &K, name_hash: &str) -> Result<()>
     where
         K: Object,
@@ -759,11 +775,17 @@ impl Shared {
             .api
             .list_metadata(&ListParams::default().labels(&format!("{LABEL_NAME_HASH}={name_hash}")))
             .await?;
-        if holders
-            .items
-            .iter()
-            .all(|o| o.metadata.name.as_deref() == Some(mine.as_str()))
-        {
+        let oldest = holders.items.iter().min_by(|a, b| {
+            let key = |o: &kube::core::PartialObjectMeta<K>| {
+                (
+                    o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    revision_of(&o.metadata),
+                    o.metadata.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        if oldest.is_none_or(|o| o.metadata.name.as_deref() == Some(mine.as_str())) {
             return Ok(());
         }
         kind.delete(self, &mine).await?;
@@ -789,7 +811,8 @@ impl Shared {
             )
             .await?;
         let id = created.name_any();
-        let token = match self.create_registration_token(&id).await {
+        // The first token carries the cluster's creation time, as in SQLite's one transaction.
+        let token = match self.create_registration_token(&id, now).await {
             Ok(token) => token,
             Err(err) => {
                 // No cluster without a token: take it back.
@@ -839,7 +862,11 @@ impl Shared {
             .is_some())
     }
 
-    async fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken> {
+    async fn create_registration_token(
+        &self,
+        cluster_id: &str,
+        created_at: i64,
+    ) -> Result<RegistrationToken> {
         if !self.cluster_exists(cluster_id) {
             return Err(StoreError::NotFound(format!("cluster {cluster_id}")));
         }
@@ -847,7 +874,7 @@ impl Shared {
         let record = RegistrationToken {
             token: token.clone(),
             cluster_id: cluster_id.to_owned(),
-            created_at: now_unix(),
+            created_at,
         };
         if !self.put_registration_token(&record).await? {
             return Err(StoreError::Conflict("registration token".into()));
@@ -909,7 +936,7 @@ impl Shared {
                     self.nodes.until_holds(self, &replaced).await;
                     return Ok(());
                 }
-                Err(e) if is_api(&e, |s| s.is_conflict()) => continue,
+                Err(e) if is_api(&e, |s| s.is_conflict() || s.is_not_found()) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -1320,10 +1347,9 @@ impl Store for KubeStore {
             .registration_tokens
             .cache
             .state_filter(|t| t.spec.cluster_id == cluster_id);
-        objs.sort_by(|a, b| {
-            (a.spec.created_at, a.creation_timestamp())
-                .cmp(&(b.spec.created_at, b.creation_timestamp()))
-        });
+        // Registration tokens are never modified: their resourceVersion is the etcd revision
+        // of their creation, which orders tokens of the same second as SQLite's rowid does.
+        objs.sort_by_key(|t| (t.spec.created_at, revision_of(t.meta())));
         if !s.cluster_exists(cluster_id) {
             return Ok(Vec::new());
         }
@@ -1332,7 +1358,7 @@ impl Store for KubeStore {
 
     fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken> {
         let id = cluster_id.to_owned();
-        self.run(|s| async move { s.create_registration_token(&id).await })
+        self.run(|s| async move { s.create_registration_token(&id, now_unix()).await })
     }
 
     fn delete_registration_token(&self, cluster_id: &str, token: &str) -> Result<bool> {
