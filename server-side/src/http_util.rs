@@ -144,7 +144,8 @@ pub fn internal(err: &dyn std::fmt::Display) -> Response<ResponseBody> {
 }
 
 /// The answer to a failed store call: 503 with `Retry-After: 1` when the store is busy (its
-/// queue is full), else 500.
+/// queue is full), 503 with `Retry-After: 5` when the Kubernetes store's apiserver is
+/// unavailable, else 500.
 pub fn store_failure(err: &StoreError) -> Response<ResponseBody> {
     match err {
         StoreError::Busy { .. } => {
@@ -152,6 +153,19 @@ pub fn store_failure(err: &StoreError) -> Response<ResponseBody> {
             let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "store busy, retry later");
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+        StoreError::Backend(_) => {
+            // The apiserver of the Kubernetes store is down or refusing: the request may
+            // succeed later, as with a busy store. (Debug only: the store's watches already
+            // say once that the apiserver is gone; a line per request would flood the log.)
+            tracing::debug!(error = %err, "store unavailable: request refused");
+            let mut resp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store's apiserver is unavailable, retry later",
+            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
             resp
         }
         other => internal(other),
