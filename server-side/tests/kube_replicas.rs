@@ -69,8 +69,13 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
     let admin = add_user(&dir_a, "root", &admin_args);
 
     // One after the other: A creates the PKI in the store, B finds it.
-    let a = ServerProc::start_with(&dir_a, &global);
-    let b = ServerProc::start_with(&dir_b, &global);
+    let named = |replica: &'static str| {
+        let mut args = global.to_vec();
+        args.extend(["--replica-name", replica]);
+        args
+    };
+    let a = ServerProc::start_with(&dir_a, &named("replica-a"));
+    let b = ServerProc::start_with(&dir_b, &named("replica-b"));
     assert_eq!(a.ca_pem(), b.ca_pem(), "one CA for both replicas");
     let servers = [a.client(), b.client()];
     let names = ["A", "B"];
@@ -85,6 +90,10 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     let cluster_id = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
+    let registration_token = reply.json()["registrationToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // === (a) users and grants through both replicas at once ===
     let started = Instant::now();
@@ -265,6 +274,54 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
     println!(
         "(c) revoked on A → 401 on B: {before_restart:?} before, {after_restart:?} after the restart"
     );
+
+    // === (d) presence: a cluster agent on A shows in the Cluster's status, seen from B ===
+    let apiserver = FakeApiserver::start().await;
+    let agent = connect_agent(
+        &a,
+        "/v3/connect",
+        agent_headers(&registration_token, &apiserver.cluster_params("sa")),
+        tunnel_proto::driver::connector::Trust::CaBundle {
+            pem: a.ca_pem().into_bytes(),
+            with_system_roots: false,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let status = |want: &'static str| {
+        let (kube, ns, cluster_id) = (kube.clone(), ns.clone(), cluster_id.clone());
+        async move {
+            let jsonpath =
+                "jsonpath={.status.conditions[?(@.type==\"Connected\")].status} {.status.replica}";
+            let got = kube.kubectl(&[
+                "-n",
+                &ns,
+                "get",
+                &format!("clusters.{}", crd::GROUP),
+                &cluster_id,
+                "-o",
+                jsonpath,
+            ]);
+            (got.trim() == want).then_some(got)
+        }
+    };
+    let up = eventually(Duration::from_secs(10), "Connected=True on A", || {
+        status("True replica-a")
+    })
+    .await;
+    let seen_on_b = servers[1]
+        .api("GET", &format!("/v1/clusters/{cluster_id}"), &admin, None)
+        .await
+        .json();
+    println!("(d) status {up:?}; B's view: {}", seen_on_b["presence"]);
+    assert_eq!(seen_on_b["presence"]["connected"], true);
+    assert_eq!(seen_on_b["presence"]["replica"], "replica-a");
+    agent.close();
+    eventually(Duration::from_secs(10), "Connected=False", || {
+        status("False replica-a")
+    })
+    .await;
     drop((a, b));
 }
 
