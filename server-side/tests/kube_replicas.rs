@@ -520,13 +520,6 @@ fn start_kube(parent: &std::path::Path) -> Option<RealKube> {
             .stdout,
     )
     .unwrap();
-    kube.kubectl_stdin(&["apply", "-f", "-"], Some(&crds));
-    kube.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    kube.install_crds(&crds);
     Some(kube)
 }

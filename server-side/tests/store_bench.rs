@@ -102,16 +102,7 @@ async fn store_work_of_a_proxied_request_on_both_backends() {
         return;
     };
     kube.kubectl(&["create", "namespace", "bench"]);
-    let crds = dir.path().join("crds.yaml");
-    std::fs::write(&crds, server_side::store::kube::crd::crds_yaml()).unwrap();
-    kube.kubectl(&["apply", "-f", crds.to_str().unwrap()]);
-    kube.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    kube.install_crds(&server_side::store::kube::crd::crds_yaml());
 
     let sqlite_file = dir.path().join("bench.db");
     let kubeconfig = kube.dir.join("admin.kubeconfig");

@@ -192,14 +192,7 @@ fn kube_handles_write_at_once() {
 /// A real apiserver with the store's CRDs established, or `None` (SKIP) without the binaries.
 fn start_kube(test: &str, dir: &TempDir) -> Option<RealKube> {
     let kube = RealKube::start(test, dir.path())?;
-    kube.kubectl_stdin(&["apply", "-f", "-"], Some(&crd::crds_yaml()));
-    kube.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    kube.install_crds(&crd::crds_yaml());
     Some(kube)
 }
 

@@ -158,6 +158,19 @@ impl RealKube {
         self.kubectl_stdin(args, None)
     }
 
+    /// Applies CustomResourceDefinitions (YAML) and waits until every CRD is established.
+    pub fn install_crds(&self, yaml: &str) -> String {
+        let applied = self.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ]);
+        applied
+    }
+
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
         use std::io::Write;
         let mut child = Command::new(&self.paths["KUBECTL"])

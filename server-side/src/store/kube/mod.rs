@@ -378,42 +378,21 @@ impl Shared {
         // A quick list of each kind first: a missing CRD or a missing permission is an error
         // now, not a watch retrying forever in the background.
         let probe = ListParams::default().limit(1);
-        let missing = |kind: &str, e: kube::Error| {
+        let missing = |(kind, e): (String, kube::Error)| {
             StoreError::Backend(format!(
                 "listing {kind}.{}: {e} (are the CRDs installed? `tunnel-server crds | kubectl apply -f -`)",
                 crd::GROUP
             ))
         };
-        self.clusters
-            .api
-            .list_metadata(&probe)
-            .await
-            .map_err(|e| missing("clusters", e))?;
-        self.nodes
-            .api
-            .list_metadata(&probe)
-            .await
-            .map_err(|e| missing("nodes", e))?;
+        self.clusters.probe(&probe).await.map_err(missing)?;
+        self.nodes.probe(&probe).await.map_err(missing)?;
         self.registration_tokens
-            .api
-            .list_metadata(&probe)
+            .probe(&probe)
             .await
-            .map_err(|e| missing("clusterregistrationtokens", e))?;
-        self.users
-            .api
-            .list_metadata(&probe)
-            .await
-            .map_err(|e| missing("users", e))?;
-        self.tokens
-            .api
-            .list_metadata(&probe)
-            .await
-            .map_err(|e| missing("tokens", e))?;
-        self.grants
-            .api
-            .list_metadata(&probe)
-            .await
-            .map_err(|e| missing("grants", e))?;
+            .map_err(missing)?;
+        self.users.probe(&probe).await.map_err(missing)?;
+        self.tokens.probe(&probe).await.map_err(missing)?;
+        self.grants.probe(&probe).await.map_err(missing)?;
 
         self.clusters.spawn_watch(&self);
         self.nodes.spawn_watch(&self);
@@ -536,6 +515,15 @@ impl<K: Object> Kind<K> {
                 }
             }
         });
+    }
+
+    /// Lists at most `probe`'s limit of this kind: an error names the kind.
+    async fn probe(&self, probe: &ListParams) -> std::result::Result<(), (String, kube::Error)> {
+        self.api
+            .list_metadata(probe)
+            .await
+            .map(drop)
+            .map_err(|e| (K::plural(&()).into_owned(), e))
     }
 
     /// Waits until the cache holds `name` at `written`'s resourceVersion or newer.
