@@ -379,10 +379,21 @@ impl Shared {
         // now, not a watch retrying forever in the background.
         let probe = ListParams::default().limit(1);
         let missing = |(kind, e): (String, kube::Error)| {
-            StoreError::Backend(format!(
-                "listing {kind}.{}: {e} (are the CRDs installed? `tunnel-server crds | kubectl apply -f -`)",
-                crd::GROUP
-            ))
+            let group = crd::GROUP;
+            StoreError::Backend(if is_api(&e, |s| s.code == 404) {
+                format!(
+                    "the resource {kind}.{group} is not served: install the CRDs \
+                     (`tunnel-server crds | kubectl apply -f -`)"
+                )
+            } else if is_api(&e, |s| s.code == 403) {
+                format!(
+                    "listing {kind}.{group} is forbidden in namespace {}: bind the server's \
+                     Role (deploy/server/kubernetes-store/rbac.yaml): {e}",
+                    self.namespace
+                )
+            } else {
+                format!("listing {kind}.{group}: {e}")
+            })
         };
         self.clusters.probe(&probe).await.map_err(missing)?;
         self.nodes.probe(&probe).await.map_err(missing)?;
