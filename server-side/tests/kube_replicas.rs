@@ -310,13 +310,21 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
         status("True replica-a")
     })
     .await;
-    let seen_on_b = servers[1]
-        .api("GET", &format!("/v1/clusters/{cluster_id}"), &admin, None)
-        .await
-        .json();
-    println!("(d) status {up:?}; B's view: {}", seen_on_b["presence"]);
-    assert_eq!(seen_on_b["presence"]["connected"], true);
-    assert_eq!(seen_on_b["presence"]["replica"], "replica-a");
+    // B learns it through its watch of the Clusters, a moment after the apiserver has it.
+    let seen_at = Instant::now();
+    let seen_on_b = eventually(Duration::from_secs(10), "presence on B", || async {
+        let view = servers[1]
+            .api("GET", &format!("/v1/clusters/{cluster_id}"), &admin, None)
+            .await
+            .json();
+        (view["presence"]["connected"] == true).then(|| view["presence"].clone())
+    })
+    .await;
+    println!(
+        "(d) status {up:?}; B's view {:?} later: {seen_on_b}",
+        seen_at.elapsed()
+    );
+    assert_eq!(seen_on_b["replica"], "replica-a");
     agent.close();
     eventually(Duration::from_secs(10), "Connected=False", || {
         status("False replica-a")
