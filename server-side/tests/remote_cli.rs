@@ -420,3 +420,32 @@ fn admin_commands_run_through_the_api() {
     let err = cli.fails(&["user", "list"]);
     assert!(err.contains(cli.bogus_data_dir.to_str().unwrap()), "{err}");
 }
+
+/// Without any place for a context file (no `$HOME`, no `$TUNNEL_SERVER_CONFIG`: a service, or
+/// `ip netns exec` with a bare environment, as the e2e suite runs it) no context can be
+/// current: admin commands open the store, as before contexts existed; `--context` is an error.
+#[test]
+fn without_a_home_commands_open_the_store() {
+    let dir = TempDir::new("remote-cli-nohome");
+    let bare = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap()
+    };
+    let added = bare(&["user", "add", "root", "--admin"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let listed = String::from_utf8(bare(&["user", "list"]).stdout).unwrap();
+    assert!(listed.contains("root"), "{listed}");
+    let named = bare(&["--context", "x", "user", "list"]);
+    assert!(!named.status.success());
+    let err = String::from_utf8_lossy(&named.stderr);
+    assert!(err.contains("no place for the context file"), "{err}");
+}

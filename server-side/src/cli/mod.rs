@@ -85,7 +85,13 @@ pub(crate) fn remote(target: &Target, data_dir_given: bool) -> anyhow::Result<Op
     if target.direct {
         return Ok(None);
     }
-    let path = context::env_path()?;
+    let path = match (context::env_path(), &target.context) {
+        (Ok(path), _) => path,
+        // No home and no config path (a service, `ip netns exec` with a bare environment): no
+        // context can be current, so the command opens the store, as before contexts.
+        (Err(context::ContextError::NoPath), None) => return Ok(None),
+        (Err(err), _) => return Err(err.into()),
+    };
     let file = ContextFile::load(&path)?;
     let name = match (&target.context, &file) {
         (Some(name), None) => bail!(
