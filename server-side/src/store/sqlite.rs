@@ -314,6 +314,22 @@ fn cluster_row(r: &Row<'_>) -> rusqlite::Result<Cluster> {
     })
 }
 
+fn registration_token_row(r: &Row<'_>) -> rusqlite::Result<RegistrationToken> {
+    Ok(RegistrationToken {
+        token: r.get(0)?,
+        cluster_id: r.get(1)?,
+        created_at: r.get(2)?,
+    })
+}
+
+fn grant_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
+    Ok(Grant {
+        user_id: r.get(0)?,
+        cluster_id: r.get(1)?,
+        created_at: r.get(2)?,
+    })
+}
+
 fn presence_row(r: &Row<'_>) -> rusqlite::Result<Presence> {
     Ok(Presence {
         connected: r.get(0)?,
@@ -486,13 +502,7 @@ impl Store for SqliteStore {
             "SELECT token, cluster_id, created_at FROM registration_tokens \
              WHERE cluster_id = ?1 ORDER BY created_at, rowid",
         )?;
-        collect(stmt.query_map([cluster_id], |r| {
-            Ok(RegistrationToken {
-                token: r.get(0)?,
-                cluster_id: r.get(1)?,
-                created_at: r.get(2)?,
-            })
-        })?)
+        collect(stmt.query_map([cluster_id], registration_token_row)?)
     }
 
     fn create_registration_token(&self, cluster_id: &str) -> Result<RegistrationToken> {
@@ -775,13 +785,7 @@ impl Store for SqliteStore {
             "SELECT user_id, cluster_id, created_at FROM grants \
              WHERE user_id = ?1 AND cluster_id = ?2",
             [user_id, cluster_id],
-            |r| {
-                Ok(Grant {
-                    user_id: r.get(0)?,
-                    cluster_id: r.get(1)?,
-                    created_at: r.get(2)?,
-                })
-            },
+            grant_row,
         )?)
     }
 
@@ -797,13 +801,7 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare(
             "SELECT user_id, cluster_id, created_at FROM grants ORDER BY user_id, cluster_id",
         )?;
-        collect(stmt.query_map([], |r| {
-            Ok(Grant {
-                user_id: r.get(0)?,
-                cluster_id: r.get(1)?,
-                created_at: r.get(2)?,
-            })
-        })?)
+        collect(stmt.query_map([], grant_row)?)
     }
 
     fn is_granted(&self, user_id: &str, cluster_id: &str) -> Result<bool> {
@@ -966,13 +964,7 @@ impl Store for SqliteStore {
             )?,
             registration_tokens: collect(
                 tx.prepare("SELECT token, cluster_id, created_at FROM registration_tokens")?
-                    .query_map([], |r| {
-                        Ok(RegistrationToken {
-                            token: r.get(0)?,
-                            cluster_id: r.get(1)?,
-                            created_at: r.get(2)?,
-                        })
-                    })?,
+                    .query_map([], registration_token_row)?,
             )?,
             nodes: collect(
                 tx.prepare(&format!("SELECT {NODE_COLS} FROM nodes"))?
@@ -995,13 +987,7 @@ impl Store for SqliteStore {
             )?,
             grants: collect(
                 tx.prepare("SELECT user_id, cluster_id, created_at FROM grants")?
-                    .query_map([], |r| {
-                        Ok(Grant {
-                            user_id: r.get(0)?,
-                            cluster_id: r.get(1)?,
-                            created_at: r.get(2)?,
-                        })
-                    })?,
+                    .query_map([], grant_row)?,
             )?,
             pki: None,
             settings: collect(
