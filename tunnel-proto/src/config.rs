@@ -43,6 +43,7 @@ pub struct SessionConfig {
     pub(crate) max_control_queue: usize,
     pub(crate) max_outbound_backlog: usize,
     pub(crate) max_session_recv_buffer: usize,
+    pub(crate) credit_window: Option<u32>,
 }
 
 impl SessionConfig {
@@ -65,6 +66,7 @@ impl SessionConfig {
             max_control_queue: 1 << 20,
             max_outbound_backlog: 8 << 20,
             max_session_recv_buffer: 128 << 20,
+            credit_window: None,
         }
     }
 
@@ -190,4 +192,35 @@ impl SessionConfig {
         self.max_session_recv_buffer = bytes.max(1);
         self
     }
+
+    /// Per-stream credit windows, in bytes, or `None` for the plain protocol (the default).
+    ///
+    /// Set it only when both ends agreed in the websocket upgrade
+    /// ([`crate::driver::capability`]), and then on both ends: a Go peer, or one of ours that
+    /// did not agree, would neither honour the windows nor grant credit. With a window each
+    /// stream may have at most that many Data bytes sent and not yet read by the receiving
+    /// application; the receiver grants more (a WindowUpdate) as its application reads. So a
+    /// bulk stream can no longer fill the websocket's socket buffers (several MiB on loopback)
+    /// ahead of an interactive one. While an interactive stream is active (it sends small
+    /// messages and waits), bulk Data also goes out in smaller frames, with at most a quarter
+    /// of the window in flight per stream, and small frames go first.
+    ///
+    /// The trade-off: a window below the bandwidth-delay product (plus the receiving
+    /// application's scheduling delay) caps a single stream's throughput. The value
+    /// [`crate::driver::capability::Capabilities::apply`] sets is
+    /// [`DEFAULT_CREDIT_WINDOW`]. Clamped to at least 16 KiB.
+    pub fn credit_window(&mut self, window: Option<u32>) -> &mut Self {
+        self.credit_window = window.map(|w| w.max(MIN_CREDIT_WINDOW));
+        self
+    }
+
+    /// The per-stream credit window, when credit windows are on.
+    pub fn credit_window_size(&self) -> Option<u32> {
+        self.credit_window
+    }
 }
+
+/// The credit window negotiated sessions use: 256 KiB per stream.
+pub const DEFAULT_CREDIT_WINDOW: u32 = 256 << 10;
+/// The smallest credit window [`SessionConfig::credit_window`] accepts.
+pub const MIN_CREDIT_WINDOW: u32 = 16 << 10;

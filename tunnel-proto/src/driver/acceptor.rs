@@ -48,6 +48,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::capability::{self, Capabilities};
 use super::connector::BoxedIo;
 
 /// Error type of [`ResponseBody`]: anything, so a router can stream a proxied upstream body.
@@ -250,6 +251,10 @@ pub struct AcceptedTunnel {
     pub ws: ServerWebSocket,
     /// Fires when the acceptor shuts down; the tunnel callback should end its session then.
     pub shutdown: CancellationToken,
+    /// The extensions agreed in the upgrade (offered by the connector, and allowed by
+    /// [`AcceptorConfig::set_capabilities`]). The session must run with them
+    /// ([`Capabilities::apply`]): the peer does.
+    pub capabilities: Capabilities,
 }
 
 // === config ===
@@ -265,6 +270,7 @@ pub struct AcceptorConfig {
     max_connections: usize,
     max_connections_per_peer: usize,
     header_read_timeout: Duration,
+    capabilities: Capabilities,
 }
 
 impl AcceptorConfig {
@@ -285,7 +291,16 @@ impl AcceptorConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            capabilities: Capabilities::NONE,
         }
+    }
+
+    /// Extensions this acceptor agrees to when a connector offers them (answered in the 101
+    /// response, and handed to the tunnel callback in [`AcceptedTunnel::capabilities`]).
+    /// Default [`Capabilities::NONE`]: only a callback that applies them should turn them on.
+    pub fn set_capabilities(&mut self, capabilities: Capabilities) -> &mut Self {
+        self.capabilities = capabilities;
+        self
     }
 
     /// Most connections (HTTP requests and tunnels alike) open at once on a listener; one more
@@ -741,6 +756,7 @@ impl Conn {
         };
 
         let headers = req.headers().clone();
+        let capabilities = Capabilities::answer(&headers, self.inner.config.capabilities);
         let uri = req.uri().clone();
         let on_upgrade = hyper::upgrade::on(&mut req);
         let inner = self.inner.clone();
@@ -776,6 +792,7 @@ impl Conn {
                 remote_addr: remote,
                 ws,
                 shutdown,
+                capabilities,
             };
             tokio::select! {
                 () = (inner.on_tunnel)(tunnel) => {}
@@ -790,6 +807,9 @@ impl Conn {
         h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
         if let Ok(v) = HeaderValue::from_str(&accept_key) {
             h.insert(SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if let Some(v) = capabilities.header_value() {
+            h.insert(capability::HEADER, v);
         }
         resp
     }

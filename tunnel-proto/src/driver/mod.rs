@@ -26,6 +26,7 @@
 //! ```
 
 pub mod acceptor;
+pub mod capability;
 pub mod connector;
 mod pipe;
 pub mod registry;

@@ -688,13 +688,16 @@ impl SessionHandle {
 /// // `registry.dial(&key, "tcp", "10.43.0.1:443")` now reaches the agents `acceptor` serves.
 /// ```
 ///
+/// The extensions agreed in the upgrade ([`AcceptedTunnel::capabilities`]) are applied to
+/// `config`.
+///
 /// Returns why the session ended, or the key's fault when it cannot be registered (the
 /// websocket is then dropped; an authorizer that calls [`check_client_key`] answers 400
 /// instead, before the upgrade).
 pub async fn serve_acceptor_tunnel(
     registry: &Registry,
     accepted: AcceptedTunnel,
-    config: SessionConfig,
+    mut config: SessionConfig,
     authorizer: Authorizer,
 ) -> Result<SessionError, InvalidClientKey> {
     let AcceptedTunnel {
@@ -702,8 +705,10 @@ pub async fn serve_acceptor_tunnel(
         remote_addr,
         ws,
         shutdown,
+        capabilities,
         ..
     } = accepted;
+    capabilities.apply(&mut config);
     let (tunnel, driver) = Tunnel::new(ws, config, authorizer);
     let handle = match registry.register(client_key.clone(), tunnel.clone()) {
         Ok(handle) => handle,

@@ -89,7 +89,8 @@ pub(crate) fn to_io(err: StreamError) -> io::Error {
         StreamError::Reset(_)
         | StreamError::Synced
         | StreamError::Replaced
-        | StreamError::BufferLimit { .. } => io::ErrorKind::ConnectionReset,
+        | StreamError::BufferLimit { .. }
+        | StreamError::WindowExceeded { .. } => io::ErrorKind::ConnectionReset,
         StreamError::LocallyReset(_) | StreamError::Tunnel(_) => io::ErrorKind::ConnectionAborted,
         StreamError::Closed | StreamError::Unknown(_) => io::ErrorKind::BrokenPipe,
     };

@@ -38,6 +38,24 @@ pub enum ProtocolError {
     /// A SyncConnections payload whose length is not a multiple of 8.
     #[error("decoding sync connections payload: incorrect data format")]
     SyncFormat,
+    /// Credit windows (negotiated): the peer sent more Data on a stream than it had credit
+    /// for. That stream is reset; the tunnel carries on.
+    #[error("stream {conn_id}: {len} bytes of Data with {credit} bytes of credit")]
+    WindowExceeded {
+        /// The stream.
+        conn_id: i64,
+        /// The Data payload received.
+        len: usize,
+        /// The credit the peer had left.
+        credit: u64,
+    },
+    /// Credit windows (negotiated): a WindowUpdate would take a stream's credit past
+    /// [`crate::mux::MAX_SEND_CREDIT`]. The update is dropped.
+    #[error("stream {conn_id}: window update past the credit limit")]
+    WindowOverflow {
+        /// The stream.
+        conn_id: i64,
+    },
 }
 
 /// Why one stream ended with something other than a graceful close.
@@ -58,6 +76,12 @@ pub enum StreamError {
     BufferLimit {
         /// The configured bound.
         limit: usize,
+    },
+    /// The peer sent more Data than its credit window allowed (credit windows only).
+    #[error("stream credit window of {window} bytes exceeded")]
+    WindowExceeded {
+        /// The negotiated window.
+        window: u32,
     },
     /// The peer closed the stream silently through SyncConnections.
     #[error("stream closed by the peer's connection sync")]

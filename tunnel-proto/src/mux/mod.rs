@@ -240,6 +240,9 @@ pub struct Session {
     next_message_id: i64,
     /// The highest stream id the peer has allocated, to pad SyncConnections (spec §4.3).
     max_remote_id: i64,
+    /// Credit windows: Data bytes still to send before the last interactive message stops
+    /// counting as recent (see [`INTERACTIVE_SPELL`]).
+    interactive_spell: usize,
     closed: Option<SessionError>,
     stats: Stats,
 }
@@ -261,6 +264,21 @@ impl std::fmt::Debug for Session {
 /// 2 x 1024 ids is 16 KiB per sync (once a minute); a stale Go stream further back than the
 /// window is still collected.
 const SYNC_WINDOW: i64 = 1024;
+
+/// Credit windows: a Data frame of at most this many bytes that empties its stream's queue is
+/// an interactive message (a keystroke, a request, an echo), as opposed to a piece of a bulk
+/// transfer, which has more queued behind it.
+pub const INTERACTIVE_MESSAGE: usize = 4 << 10;
+/// Credit windows: an interactive stream counts as active until this many bytes of other Data
+/// have gone out after its last message (4 MiB: a few ms of bulk on loopback, many round trips'
+/// worth).
+pub const INTERACTIVE_SPELL: usize = 4 << 20;
+/// Credit windows: the largest Data frame while an interactive stream is active, so that an
+/// interactive message waits behind at most this much of a bulk frame.
+pub const INTERACTIVE_CHUNK: usize = 8 << 10;
+/// Credit windows: the most credit a stream may accumulate (4 GiB); a WindowUpdate past it is
+/// a protocol error and is dropped.
+pub const MAX_SEND_CREDIT: u64 = 1 << 32;
 
 // === impl Session: construction and state ===
 
@@ -289,6 +307,7 @@ impl Session {
             timers,
             next_message_id: 0,
             max_remote_id: 1,
+            interactive_spell: 0,
             closed: None,
             stats: Stats::default(),
         }
@@ -362,6 +381,11 @@ impl Session {
     /// When the peer was last heard from.
     pub fn last_heard(&self) -> Instant {
         self.timers.last_heard()
+    }
+
+    /// The credit window, when credit windows are on (0 when off).
+    fn window(&self) -> u32 {
+        self.config.credit_window.unwrap_or(0)
     }
 
     fn message_id(&mut self) -> i64 {
@@ -517,7 +541,7 @@ impl Session {
     pub fn handle_message(&mut self, now: Instant, message: Message) -> Result<(), ProtocolError> {
         let conn_id = message.conn_id;
         match message.body {
-            Body::Data(payload) => self.recv_data(conn_id, payload),
+            Body::Data(payload) => return self.recv_data(conn_id, payload),
             Body::Connect(target) => return self.recv_connect(now, conn_id, target),
             Body::Error(text) => self.recv_error(conn_id, &text),
             Body::Pause => self.recv_pause(conn_id, true),
@@ -536,6 +560,11 @@ impl Session {
                 }
             }
             Body::SyncConnections(payload) => return self.recv_sync(now, conn_id, &payload),
+            // Without credit windows it is a type this side does not speak, as before.
+            Body::WindowUpdate(_) if self.config.credit_window.is_none() => {
+                self.stats.unknown_messages += 1
+            }
+            Body::WindowUpdate(increment) => return self.recv_window_update(conn_id, increment),
             Body::Unknown { .. } => self.stats.unknown_messages += 1,
         }
         Ok(())
@@ -568,14 +597,15 @@ impl Session {
             return Ok(());
         }
         self.max_remote_id = self.max_remote_id.max(conn_id);
+        let window = self.window();
         self.streams
-            .insert(conn_id, Stream::new(Origin::Remote, target, now));
+            .insert(conn_id, Stream::new(Origin::Remote, target, now, window));
         self.stats.streams_opened_remote += 1;
         self.events.push_back(Event::Incoming(conn_id));
         Ok(())
     }
 
-    fn recv_data(&mut self, conn_id: i64, payload: Bytes) {
+    fn recv_data(&mut self, conn_id: i64, payload: Bytes) -> Result<(), ProtocolError> {
         let len = payload.len();
         self.stats.data_bytes_in += len as u64;
         let limit = self.config.max_stream_recv_buffer;
@@ -587,11 +617,26 @@ impl Session {
             };
             let text = format!("connection not found {who}/0/{conn_id}");
             self.queue_error(conn_id, &text, Cause::Peer);
-            return;
+            return Ok(());
         };
         if !matches!(stream.recv_end, RecvEnd::Open) || !stream.held || len == 0 {
             // Closed here already (the peer's writer raced our Error), or nobody will read it.
-            return;
+            return Ok(());
+        }
+        if let Some(window) = self.config.credit_window {
+            if len as u64 > stream.recv_credit {
+                let violation = ProtocolError::WindowExceeded {
+                    conn_id,
+                    len,
+                    credit: stream.recv_credit,
+                };
+                let error = StreamError::WindowExceeded { window };
+                let text = error.to_string();
+                let send = Some((text.as_str(), Cause::Peer));
+                self.end_stream(conn_id, RecvEnd::Failed(error), send, true);
+                return Err(violation);
+            }
+            stream.recv_credit -= len as u64;
         }
         if stream.recv_len + len > limit {
             self.stats.buffer_limit_resets += 1;
@@ -599,14 +644,14 @@ impl Session {
             let text = error.to_string();
             let send = Some((text.as_str(), Cause::Peer));
             self.end_stream(conn_id, RecvEnd::Failed(error), send, true);
-            return;
+            return Ok(());
         }
         let session_limit = self.config.max_session_recv_buffer;
         if self.recv_total + len > session_limit {
             self.close_session(SessionError::RecvBufferLimit {
                 limit: session_limit,
             });
-            return;
+            return Ok(());
         }
         stream.recv.push_back(payload);
         stream.recv_len += len;
@@ -623,6 +668,7 @@ impl Session {
             self.stats.pauses_sent += 1;
             self.queue_message(conn_id, Body::Pause);
         }
+        Ok(())
     }
 
     fn recv_error(&mut self, conn_id: i64, text: &[u8]) {
@@ -655,6 +701,21 @@ impl Session {
         } else if stream.next_frame_len().is_some() {
             self.scheduler.activate(conn_id);
         }
+    }
+
+    fn recv_window_update(&mut self, conn_id: i64, increment: u32) -> Result<(), ProtocolError> {
+        let Some(stream) = self.streams.get_mut(&conn_id) else {
+            return Ok(()); // A stream that closed meanwhile: nothing to do.
+        };
+        let credit = stream.send_credit + u64::from(increment);
+        if credit > MAX_SEND_CREDIT {
+            return Err(ProtocolError::WindowOverflow { conn_id });
+        }
+        stream.send_credit = credit;
+        if stream.next_frame_len().is_some() {
+            self.scheduler.activate(conn_id);
+        }
+        Ok(())
     }
 
     fn recv_sync(
@@ -759,7 +820,7 @@ impl Session {
         let id = self.ids.allocate(|id| streams.contains_key(&id));
         self.queue_message(id, Body::Connect(target.clone()));
         self.streams
-            .insert(id, Stream::new(Origin::Local, target, now));
+            .insert(id, Stream::new(Origin::Local, target, now, self.window()));
         self.stats.streams_opened_local += 1;
         Ok(id)
     }
@@ -794,7 +855,7 @@ impl Session {
         stream.recv_len -= copied;
         self.recv_total -= copied;
         if copied > 0 || buf.is_empty() {
-            self.after_read(id);
+            self.after_read(id, copied);
             return Ok(ReadOutcome::Data(copied));
         }
         self.end_of_data(id).map(|end| match end {
@@ -814,7 +875,7 @@ impl Session {
             };
             stream.recv_len -= chunk.len();
             self.recv_total -= chunk.len();
-            self.after_read(id);
+            self.after_read(id, chunk.len());
             return Ok(Chunk::Data(chunk));
         }
         self.end_of_data(id).map(|end| match end {
@@ -836,15 +897,30 @@ impl Session {
         }
     }
 
-    fn after_read(&mut self, id: i64) {
+    fn after_read(&mut self, id: i64, read: usize) {
         let resume = self.config.resume_threshold;
-        if let Some(stream) = self.streams.get_mut(&id)
-            && stream.we_paused_peer
-            && stream.recv_len < resume
-            && matches!(stream.recv_end, RecvEnd::Open)
-        {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let open = matches!(stream.recv_end, RecvEnd::Open);
+        if stream.we_paused_peer && stream.recv_len < resume && open {
             stream.we_paused_peer = false;
             self.queue_message(id, Body::Resume);
+        }
+        // Credit goes back in quarters of the window (a WindowUpdate per 64 KiB read at the
+        // default): often enough that a sender holding back to a quarter of the window while
+        // an interactive stream is active is never left waiting with nothing in flight.
+        let window = self.window();
+        if window > 0 && open {
+            let stream = self.streams.get_mut(&id).expect("looked up above");
+            stream.recv_ungranted += read as u64;
+            if stream.recv_ungranted >= u64::from(window / 4) {
+                let grant = stream.recv_ungranted.min(u64::from(u32::MAX));
+                stream.recv_ungranted -= grant;
+                stream.recv_credit += grant;
+                let grant = u32::try_from(grant).expect("capped at u32::MAX");
+                self.queue_message(id, Body::WindowUpdate(grant));
+            }
         }
     }
 
@@ -998,13 +1074,40 @@ impl Session {
         if self.closed.is_some() {
             return None;
         }
+        let window = self.window();
+        let interactive = window > 0 && self.interactive_spell > 0;
+        let small_first = if window > 0 { INTERACTIVE_MESSAGE } else { 0 };
         let streams = &self.streams;
-        let id = self.scheduler.next(self.config.max_data_chunk, |id| {
-            streams.get(&id)?.next_frame_len()
-        })?;
+        let id = self
+            .scheduler
+            .next(self.config.max_data_chunk, small_first, |id| {
+                let stream = streams.get(&id)?;
+                let limit = send_limit(stream, window, interactive)?;
+                stream.next_frame_len().map(|len| len.min(limit))
+            })?;
         let max_send = self.config.max_stream_send_buffer;
+        let mut counter = self.next_message_id;
         let stream = self.streams.get_mut(&id).expect("scheduled stream exists");
-        let (frame, payload) = stream.pop_frame().expect("scheduled stream has a frame");
+        let (frame, payload) = if window == 0 {
+            stream.pop_frame()
+        } else {
+            let limit = send_limit(stream, window, interactive).expect("scheduled with credit");
+            let mut next_id = || {
+                counter = counter.wrapping_add(1);
+                counter
+            };
+            stream.pop_frame_limited(id, limit, &mut next_id)
+        }
+        .expect("scheduled stream has a frame");
+        self.next_message_id = counter;
+        if window > 0 {
+            stream.send_credit -= payload as u64;
+            if payload <= INTERACTIVE_MESSAGE && stream.send_len == 0 {
+                self.interactive_spell = INTERACTIVE_SPELL;
+            } else {
+                self.interactive_spell = self.interactive_spell.saturating_sub(payload);
+            }
+        }
         self.stats.data_bytes_out += payload as u64;
         self.stats.frames_out += 1;
         if stream.writer_waiting && stream.send_len < max_send {
@@ -1026,6 +1129,26 @@ impl Session {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// Credit windows: the most payload `stream` may send in its next frame, or `None` when it
+/// must wait for credit. `window` is 0 when credit windows are off (no limit). While an
+/// interactive stream is active, frames are cut to [`INTERACTIVE_CHUNK`] and each stream keeps
+/// at most a quarter of the window unread at the peer, so little bulk data queues in the
+/// socket buffers ahead of the interactive messages. (A stream's unread bytes at the peer are
+/// the window less its credit: the peer grants back exactly what its application reads.)
+fn send_limit(stream: &Stream, window: u32, interactive: bool) -> Option<usize> {
+    if window == 0 {
+        return Some(usize::MAX);
+    }
+    let mut credit = stream.send_credit;
+    let mut limit = usize::MAX;
+    if interactive {
+        let unread = u64::from(window).saturating_sub(credit);
+        credit = credit.min(u64::from(window / 4).saturating_sub(unread));
+        limit = INTERACTIVE_CHUNK;
+    }
+    (credit > 0).then(|| limit.min(usize::try_from(credit).unwrap_or(usize::MAX)))
 }
 
 /// The stream id of a message whose header decodes (for failing just that stream).

@@ -5,6 +5,12 @@
 //! download therefore sends one chunk per turn while an interactive stream's small frames go out
 //! at their first turn: the bulk stream cannot starve it. Control messages never wait here;
 //! the session sends them first.
+//!
+//! With credit windows negotiated the session also asks for small frames first
+//! ([`Scheduler::next`]'s `small_first`): a frame no larger than that jumps the queue, so a
+//! keystroke or a 1 KiB request does not wait for the turns of the streams ahead of it. Jumps
+//! are bounded: once a quantum of small bytes has jumped, one frame goes in the normal order,
+//! so even a flood of small frames cannot starve a bulk stream of its turns.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -13,7 +19,12 @@ use std::collections::{HashMap, VecDeque};
 pub(crate) struct Scheduler {
     active: VecDeque<i64>,
     credits: HashMap<i64, Credit>,
+    /// Bytes of small frames that jumped the queue since a frame went in the normal order.
+    jumped: usize,
 }
+
+/// Most queued streams looked at for a small frame (the scan is per frame sent).
+const SMALL_SCAN: usize = 64;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Credit {
@@ -33,7 +44,33 @@ impl Scheduler {
     /// The stream whose frame goes next, charged for it. `next_len` gives the payload length of
     /// a stream's next frame, or `None` when it cannot send now (paused, drained or gone); such
     /// streams leave the queue until activated again.
+    ///
+    /// `small_first` (0: off) lets a stream whose next frame is at most that long go ahead of
+    /// the queue, without using its turn, while fewer than `quantum` such bytes have jumped
+    /// since the last frame sent in order.
     pub(crate) fn next(
+        &mut self,
+        quantum: usize,
+        small_first: usize,
+        mut next_len: impl FnMut(i64) -> Option<usize>,
+    ) -> Option<i64> {
+        if small_first > 0 && self.jumped < quantum {
+            let small = self.active.iter().take(SMALL_SCAN).find_map(|&id| {
+                next_len(id)
+                    .filter(|&len| len <= small_first)
+                    .map(|len| (id, len))
+            });
+            if let Some((id, len)) = small {
+                self.jumped += len;
+                return Some(id);
+            }
+        }
+        let id = self.next_in_turn(quantum, next_len)?;
+        self.jumped = 0;
+        Some(id)
+    }
+
+    fn next_in_turn(
         &mut self,
         quantum: usize,
         mut next_len: impl FnMut(i64) -> Option<usize>,
@@ -74,6 +111,15 @@ mod tests {
     use super::*;
 
     fn run(streams: Vec<(i64, Vec<usize>)>, quantum: usize, steps: usize) -> Vec<i64> {
+        run_small_first(streams, quantum, 0, steps)
+    }
+
+    fn run_small_first(
+        streams: Vec<(i64, Vec<usize>)>,
+        quantum: usize,
+        small_first: usize,
+        steps: usize,
+    ) -> Vec<i64> {
         let mut sched = Scheduler::default();
         let mut frames: HashMap<i64, VecDeque<usize>> = HashMap::new();
         for (id, f) in streams {
@@ -82,7 +128,8 @@ mod tests {
         }
         let mut order = Vec::new();
         for _ in 0..steps {
-            let Some(id) = sched.next(quantum, |id| frames.get(&id)?.front().copied()) else {
+            let Some(id) = sched.next(quantum, small_first, |id| frames.get(&id)?.front().copied())
+            else {
                 break;
             };
             frames.get_mut(&id).unwrap().pop_front();
@@ -114,9 +161,32 @@ mod tests {
     fn drained_stream_leaves_and_can_return() {
         let mut sched = Scheduler::default();
         sched.activate(7);
-        assert_eq!(sched.next(32, |_| None), None);
+        assert_eq!(sched.next(32, 0, |_| None), None);
         assert_eq!(sched.len(), 0);
         sched.activate(7);
-        assert_eq!(sched.next(32, |_| Some(10)), Some(7));
+        assert_eq!(sched.next(32, 0, |_| Some(10)), Some(7));
+    }
+
+    #[test]
+    fn small_frames_jump_the_queue() {
+        // Three bulk streams ahead of a small one: without small-first it waits three turns.
+        let streams = || {
+            vec![
+                (1, vec![32; 3]),
+                (2, vec![32; 3]),
+                (3, vec![32; 3]),
+                (4, vec![4]),
+            ]
+        };
+        assert_eq!(run(streams(), 32, 4), [1, 2, 3, 4]);
+        assert_eq!(run_small_first(streams(), 32, 8, 4), [4, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_small_frame_flood_cannot_starve_bulk() {
+        // Stream 2 only ever has small frames: after each quantum of them that jumped, one
+        // frame goes in turn order, and the bulk stream keeps its turns.
+        let order = run_small_first(vec![(1, vec![32; 3]), (2, vec![8; 12])], 32, 8, 15);
+        assert_eq!(order, [2, 2, 2, 2, 1, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
     }
 }

@@ -983,3 +983,237 @@ fn a_go_like_peer_within_the_protocol_never_trips_a_bound() {
     assert!(pair.client.closed().is_none() && pair.server.closed().is_none());
     assert_eq!(pair.client.recv_buffered(), 0);
 }
+
+// === credit windows (negotiated extension) ===
+
+mod credit {
+    use super::*;
+
+    const WINDOW: u32 = 64 << 10;
+
+    fn credit_pair() -> Pair {
+        let mut client = SessionConfig::new(Role::Client);
+        let mut server = SessionConfig::new(Role::Server);
+        client.credit_window(Some(WINDOW));
+        server.credit_window(Some(WINDOW));
+        Pair::with(client, server)
+    }
+
+    fn data_len(messages: &[Message]) -> usize {
+        messages
+            .iter()
+            .map(|m| match &m.body {
+                Body::Data(d) => d.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn deliver_all(to: &mut Session, now: Instant, messages: &[Message]) {
+        for m in messages {
+            to.handle_message(now, m.clone()).unwrap();
+        }
+    }
+
+    #[test]
+    fn sender_stops_at_the_window_and_resumes_on_grants() {
+        let mut pair = credit_pair();
+        let id = pair.open_from_server();
+        let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        assert_eq!(pair.server.write(id, &big).unwrap(), big.len());
+        let first = sent(&mut pair.server);
+        assert_eq!(
+            data_len(&first),
+            WINDOW as usize,
+            "exactly one window goes out"
+        );
+        assert!(
+            !pair.server.has_transmit(),
+            "then nothing until credit comes back"
+        );
+        deliver_all(&mut pair.client, pair.now, &first);
+        assert!(sent(&mut pair.client).is_empty(), "no grant before a read");
+
+        // Reading a quarter of the window grants it back, and that much more goes out.
+        let mut buf = vec![0u8; WINDOW as usize / 4];
+        assert_eq!(
+            pair.client.read(id, &mut buf).unwrap(),
+            ReadOutcome::Data(buf.len())
+        );
+        let grants = sent(&mut pair.client);
+        assert_eq!(
+            grants.iter().map(|m| &m.body).collect::<Vec<_>>(),
+            [&Body::WindowUpdate(WINDOW / 4)]
+        );
+        deliver_all(&mut pair.server, pair.now, &grants);
+        let more = sent(&mut pair.server);
+        assert_eq!(data_len(&more), WINDOW as usize / 4);
+        deliver_all(&mut pair.client, pair.now, &more);
+
+        // Driven to the end, every byte arrives in order.
+        let mut got = buf;
+        loop {
+            pair.drive();
+            let (more, _) = read_all(&mut pair.client, id);
+            if more.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&more);
+        }
+        assert_eq!(got, big);
+        assert!(pair.client.stream_buffered(id) <= WINDOW as usize);
+    }
+
+    #[test]
+    fn data_past_the_window_resets_that_stream_only() {
+        let mut pair = credit_pair();
+        let id = pair.open_from_server();
+        let other = pair.open_from_server();
+        let too_much = Message::new(
+            77,
+            id,
+            Body::Data(Bytes::from(vec![1u8; WINDOW as usize + 1])),
+        );
+        assert_eq!(
+            pair.client.handle_message(pair.now, too_much),
+            Err(ProtocolError::WindowExceeded {
+                conn_id: id,
+                len: WINDOW as usize + 1,
+                credit: u64::from(WINDOW),
+            })
+        );
+        let replies = sent(&mut pair.client);
+        assert!(
+            matches!(&replies[..], [Message { conn_id, body: Body::Error(_), .. }] if *conn_id == id)
+        );
+        assert_eq!(
+            read_all(&mut pair.client, id).1,
+            Err(StreamError::WindowExceeded { window: WINDOW })
+        );
+        pair.server.write(other, b"still fine").unwrap();
+        pair.drive();
+        assert_eq!(read_all(&mut pair.client, other).0, b"still fine");
+    }
+
+    #[test]
+    fn grants_past_the_credit_limit_are_refused() {
+        let mut pair = credit_pair();
+        let id = pair.open_from_server();
+        let grant = |n| Message::new(5, id, Body::WindowUpdate(n));
+        // Up to the limit exactly is fine; one byte more is refused.
+        let up_to_limit = u32::try_from(MAX_SEND_CREDIT - u64::from(WINDOW)).unwrap();
+        pair.server
+            .handle_message(pair.now, grant(up_to_limit))
+            .unwrap();
+        assert_eq!(
+            pair.server.handle_message(pair.now, grant(1)),
+            Err(ProtocolError::WindowOverflow { conn_id: id })
+        );
+    }
+
+    #[test]
+    fn interactive_messages_go_first_and_bulk_shrinks_meanwhile() {
+        let mut pair = credit_pair();
+        let bulk = pair.open_from_server();
+        let echo = pair.open_from_server();
+        pair.server.write(bulk, &vec![9u8; 200_000]).unwrap();
+        // Before any interactive message, bulk goes in full 32 KiB frames.
+        let t = pair.server.poll_transmit().unwrap();
+        let Transmit::Message(bytes) = t else {
+            panic!("{t:?}")
+        };
+        let first = Message::decode(bytes).unwrap();
+        assert!(matches!(&first.body, Body::Data(d) if d.len() == 32 << 10));
+        pair.client.handle_message(pair.now, first).unwrap();
+
+        pair.server.write(echo, &[1u8; 1024]).unwrap();
+        let next = sent(&mut pair.server);
+        assert_eq!(
+            next[0].conn_id, echo,
+            "the small frame jumps the bulk frames"
+        );
+        assert!(matches!(&next[0].body, Body::Data(d) if d.len() == 1024));
+        // Now bulk frames are cut to INTERACTIVE_CHUNK, and only a quarter of the window is
+        // left unread at the peer (32 KiB already were, so nothing more here).
+        assert!(next[1..].iter().all(|m| m.conn_id == bulk));
+        assert_eq!(data_len(&next[1..]), 0);
+
+        // The client reads the bulk stream: grants arrive, and bulk goes on in small frames
+        // with at most a quarter window unread.
+        deliver_all(&mut pair.client, pair.now, &next);
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = pair.client.read(bulk, &mut buf).unwrap();
+        let grants = sent(&mut pair.client);
+        deliver_all(&mut pair.server, pair.now, &grants);
+        let more = sent(&mut pair.server);
+        assert!(!more.is_empty());
+        assert!(
+            more.iter()
+                .all(|m| matches!(&m.body, Body::Data(d) if d.len() <= INTERACTIVE_CHUNK))
+        );
+        assert!(data_len(&more) <= WINDOW as usize / 4);
+    }
+
+    #[test]
+    fn plain_sessions_never_send_grants_and_ignore_them() {
+        let mut pair = Pair::new();
+        let id = pair.open_from_server();
+        let taken = pair.server.write(id, &vec![3u8; 300_000]).unwrap();
+        let data = sent(&mut pair.server);
+        assert_eq!(
+            data_len(&data),
+            taken,
+            "no window: the whole send queue goes"
+        );
+        deliver_all(&mut pair.client, pair.now, &data);
+        let _ = read_all(&mut pair.client, id);
+        assert!(
+            sent(&mut pair.client)
+                .iter()
+                .all(|m| !matches!(m.body, Body::WindowUpdate(_)))
+        );
+        pair.client
+            .handle_message(pair.now, Message::new(1, id, Body::WindowUpdate(5)))
+            .unwrap();
+        assert_eq!(pair.client.stats().unknown_messages, 1);
+    }
+
+    proptest! {
+        /// Random writes and reads on two streams with windows: every byte arrives in order
+        /// and no receiver ever holds more than a window unread per stream.
+        #[test]
+        fn windows_hold_and_bytes_arrive(ops in proptest::collection::vec((0u8..4, 1usize..50_000), 1..60)) {
+            let mut pair = credit_pair();
+            let ids = [pair.open_from_server(), pair.open_from_server()];
+            let mut written = [Vec::new(), Vec::new()];
+            let mut read = [Vec::new(), Vec::new()];
+            let mut counter = 0u8;
+            for (op, n) in ops {
+                let s = usize::from(op % 2);
+                if op < 2 {
+                    let data: Vec<u8> = (0..n).map(|_| { counter = counter.wrapping_add(1); counter }).collect();
+                    let taken = pair.server.write(ids[s], &data).unwrap();
+                    written[s].extend_from_slice(&data[..taken]);
+                } else {
+                    let mut buf = vec![0u8; n];
+                    if let Ok(ReadOutcome::Data(k)) = pair.client.read(ids[s], &mut buf) {
+                        read[s].extend_from_slice(&buf[..k]);
+                    }
+                }
+                pair.drive();
+                for id in ids {
+                    prop_assert!(pair.client.stream_buffered(id) <= WINDOW as usize);
+                }
+            }
+            for s in 0..2 {
+                loop {
+                    pair.drive();
+                    let (more, _) = read_all(&mut pair.client, ids[s]);
+                    if more.is_empty() { break; }
+                    read[s].extend_from_slice(&more);
+                }
+                prop_assert_eq!(&read[s], &written[s]);
+            }
+        }
+    }
+}

@@ -21,4 +21,8 @@ pub enum DecodeError {
     /// A Connect payload had no `/` within its first [`super::CONNECT_PAYLOAD_CAP`] bytes.
     #[error("failed to parse connect address")]
     ConnectAddress,
+    /// A WindowUpdate (this project's extension, never from a Go peer) whose payload is not one
+    /// varint from 1 to `u32::MAX`.
+    #[error("malformed window update")]
+    WindowIncrement,
 }

@@ -46,6 +46,10 @@ pub enum MessageType {
     Resume = 7,
     /// The client's list of live stream ids (stale-stream cleanup).
     SyncConnections = 8,
+    /// Credit for more Data on a stream. Not remotedialer's: sent only when both ends said
+    /// so in the websocket upgrade ([`crate::driver::capability`]). Far from Go's numbers, so a
+    /// future Go type cannot meet it; a Go peer would ignore it as unknown anyway.
+    WindowUpdate = 32,
 }
 
 impl MessageType {
@@ -60,6 +64,7 @@ impl MessageType {
             6 => Self::Pause,
             7 => Self::Resume,
             8 => Self::SyncConnections,
+            32 => Self::WindowUpdate,
             _ => return None,
         })
     }
@@ -119,6 +124,9 @@ pub enum Body {
     Resume,
     /// 8-byte little-endian ids, as received (checked by the session, where Go checks it).
     SyncConnections(Bytes),
+    /// This many more Data payload bytes may be sent on the stream (one zig-zag varint,
+    /// at least 1). Only between two ends that negotiated credit windows.
+    WindowUpdate(u32),
     /// A type this version does not know; every Go version ignores these.
     Unknown {
         /// The wire type number.
@@ -140,6 +148,7 @@ impl Body {
             Body::Pause => MessageType::Pause as i64,
             Body::Resume => MessageType::Resume as i64,
             Body::SyncConnections(_) => MessageType::SyncConnections as i64,
+            Body::WindowUpdate(_) => MessageType::WindowUpdate as i64,
             Body::Unknown { type_number, .. } => *type_number,
         }
     }
@@ -196,6 +205,7 @@ impl Message {
             | Body::SyncConnections(b) => b.len(),
             Body::Unknown { payload, .. } => payload.len(),
             Body::Connect(target) => target.payload_len(),
+            Body::WindowUpdate(increment) => varint::encoded_len(i64::from(*increment)),
             Body::Pause | Body::Resume => 0,
         }
     }
@@ -216,6 +226,7 @@ impl Message {
                 out.put_u8(b'/');
                 out.put_slice(target.address.as_bytes());
             }
+            Body::WindowUpdate(increment) => varint::put(out, i64::from(*increment)),
             Body::Pause | Body::Resume => {}
         }
     }
@@ -260,6 +271,7 @@ impl Message {
             Some(MessageType::Pause) => Body::Pause,
             Some(MessageType::Resume) => Body::Resume,
             Some(MessageType::SyncConnections) => Body::SyncConnections(payload),
+            Some(MessageType::WindowUpdate) => Body::WindowUpdate(parse_increment(&payload)?),
         };
         Ok(Message {
             id,
@@ -279,6 +291,18 @@ fn parse_target(payload: &[u8]) -> Result<Target, DecodeError> {
         proto: String::from_utf8_lossy(&payload[..slash]).into_owned(),
         address: String::from_utf8_lossy(&payload[slash + 1..]).into_owned(),
     })
+}
+
+/// A WindowUpdate payload: exactly one varint, from 1 to `u32::MAX`.
+fn parse_increment(payload: &[u8]) -> Result<u32, DecodeError> {
+    let (value, used) = varint::get(payload).map_err(|_| DecodeError::WindowIncrement)?;
+    if used != payload.len() {
+        return Err(DecodeError::WindowIncrement);
+    }
+    u32::try_from(value)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or(DecodeError::WindowIncrement)
 }
 
 /// Length of the header (with the deadline, for types that carry one).
@@ -343,6 +367,30 @@ mod tests {
     }
 
     #[test]
+    fn window_update_payload_is_one_positive_varint() {
+        let wire = Message::new(1, -2, Body::WindowUpdate(65536)).to_bytes();
+        // id 1, conn -2, type 32, then 65536 zig-zagged (131072 = 0x80 0x80 0x08).
+        assert_eq!(wire.as_ref(), [0x02, 0x03, 0x40, 0x80, 0x80, 0x08]);
+        assert_eq!(
+            Message::decode(wire).unwrap().body,
+            Body::WindowUpdate(65536)
+        );
+        for bad in [
+            &[0x02, 0x03, 0x40][..],                                 // no increment
+            &[0x02, 0x03, 0x40, 0x00],                               // zero
+            &[0x02, 0x03, 0x40, 0x01],                               // negative
+            &[0x02, 0x03, 0x40, 0x02, 0x00],                         // trailing byte
+            &[0x02, 0x03, 0x40, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01], // over u32
+        ] {
+            assert_eq!(
+                Message::decode(Bytes::copy_from_slice(bad)),
+                Err(DecodeError::WindowIncrement),
+                "{bad:02x?}"
+            );
+        }
+    }
+
+    #[test]
     fn error_text_capped_at_char_boundary() {
         let text = "é".repeat(60);
         assert_eq!(cap_error_text(&text).len(), 100);
@@ -361,10 +409,14 @@ mod tests {
             Just(Body::Pause),
             Just(Body::Resume),
             proptest::collection::vec(any::<i64>(), 0..8).prop_map(Body::sync_connections),
-            (9i64.., bytes()).prop_map(|(type_number, payload)| Body::Unknown {
-                type_number,
-                payload
-            }),
+            (1u32..).prop_map(Body::WindowUpdate),
+            (9i64.., bytes())
+                .prop_filter("a known type", |(n, _)| MessageType::from_number(*n)
+                    .is_none())
+                .prop_map(|(type_number, payload)| Body::Unknown {
+                    type_number,
+                    payload
+                }),
         ]
     }
 

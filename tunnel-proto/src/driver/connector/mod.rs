@@ -22,6 +22,9 @@
 //!   `max_error_body` bytes of the body, because that text (`failed authentication`,
 //!   `cluster not found`) is what an operator needs.
 //! * Reconnection: [`run_forever`] with [`BackoffConfig`], counted in [`ConnectorStats`].
+//! * Extensions between two ends of this project ([`super::capability`]): offered only by
+//!   [`Connector::connect_agreed`] and [`run_forever_agreed`], which hand the agreed set to the
+//!   caller to run the session with; [`Connector::connect`] and [`run_forever`] never offer any.
 //! * Headers that change while the loop runs (the cluster agent's params when its reported
 //!   token changes): [`SharedHeaders`], read afresh on every attempt.
 
@@ -52,6 +55,7 @@ pub use self::proxy::{
     ProcessEnv, ProxyConfig, ProxyConfigError, ProxyUrl, connect_tunnel,
 };
 pub use self::tls::{TlsConfigError, Trust, ca_checksum, client_config};
+use super::capability::{self, Capabilities};
 
 /// Any byte stream a websocket can run on: plain TCP, TLS, a proxy tunnel, or a test pipe.
 pub trait AsyncReadWrite: AsyncRead + AsyncWrite {}
@@ -77,12 +81,15 @@ pub const DEFAULT_MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Request headers the connector writes itself; a caller supplying one is a config error, as in
 /// gorilla (`duplicate header not allowed`).
-const RESERVED_HEADERS: [&str; 5] = [
+/// The capability header is the connector's too: an offer the caller did not see answered
+/// would leave the two ends running different protocols.
+const RESERVED_HEADERS: [&str; 6] = [
     "upgrade",
     "connection",
     "sec-websocket-key",
     "sec-websocket-version",
     "sec-websocket-extensions",
+    "x-tunnel-capabilities",
 ];
 
 // === impl ConnectorConfig ===
@@ -100,6 +107,7 @@ pub struct ConnectorConfig {
     websocket: WebSocketConfig,
     backoff: BackoffConfig,
     shared_headers: Option<SharedHeaders>,
+    capabilities: Capabilities,
 }
 
 impl ConnectorConfig {
@@ -116,7 +124,15 @@ impl ConnectorConfig {
             websocket: WebSocketConfig::default(),
             backoff: BackoffConfig::default(),
             shared_headers: None,
+            capabilities: Capabilities::ALL,
         }
+    }
+
+    /// The extensions [`Connector::connect_agreed`] and [`run_forever_agreed`] offer. Default
+    /// [`Capabilities::ALL`]; a server that does not answer (any Go server) gets none of them.
+    pub fn set_capabilities(&mut self, capabilities: Capabilities) -> &mut Self {
+        self.capabilities = capabilities;
+        self
     }
 
     /// Extra request headers sent with the upgrade (the agents' `X-API-Tunnel-Token` and
@@ -549,13 +565,32 @@ impl Connector {
     /// upgrade, all within the handshake timeout. Counts `attempts` and `connected` or
     /// `failures`.
     pub async fn connect(&self) -> Result<WebSocketStream<BoxedIo>, ConnectError> {
+        self.connect_offering(Capabilities::NONE)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// Like [`Connector::connect`], offering the configured extensions
+    /// ([`ConnectorConfig::set_capabilities`]); returns the websocket and the extensions the
+    /// server agreed to. Run the session with them ([`Capabilities::apply`]): the server does.
+    pub async fn connect_agreed(
+        &self,
+    ) -> Result<(WebSocketStream<BoxedIo>, Capabilities), ConnectError> {
+        self.connect_offering(self.config.capabilities).await
+    }
+
+    async fn connect_offering(
+        &self,
+        offer: Capabilities,
+    ) -> Result<(WebSocketStream<BoxedIo>, Capabilities), ConnectError> {
         bump(&self.stats.attempts);
         let timeout = self.config.handshake_timeout;
         let deadline = Instant::now() + timeout;
-        let result = match tokio::time::timeout_at(deadline, self.connect_inner(deadline)).await {
-            Ok(r) => r,
-            Err(_) => Err(ConnectError::Timeout(timeout)),
-        };
+        let result =
+            match tokio::time::timeout_at(deadline, self.connect_inner(deadline, offer)).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError::Timeout(timeout)),
+            };
         match &result {
             Ok(_) => bump(&self.stats.connected),
             Err(_) => bump(&self.stats.failures),
@@ -566,7 +601,8 @@ impl Connector {
     async fn connect_inner(
         &self,
         deadline: Instant,
-    ) -> Result<WebSocketStream<BoxedIo>, ConnectError> {
+        offer: Capabilities,
+    ) -> Result<(WebSocketStream<BoxedIo>, Capabilities), ConnectError> {
         let t = &*self.target;
         let tcp = dial_tcp(
             &self.config.proxy,
@@ -593,14 +629,15 @@ impl Connector {
                 }
                 None => Box::new(tcp),
             };
-        self.upgrade(io, deadline).await
+        self.upgrade(io, deadline, offer).await
     }
 
     async fn upgrade(
         &self,
         mut io: BoxedIo,
         deadline: Instant,
-    ) -> Result<WebSocketStream<BoxedIo>, ConnectError> {
+        offer: Capabilities,
+    ) -> Result<(WebSocketStream<BoxedIo>, Capabilities), ConnectError> {
         let t = &*self.target;
         let key = generate_key();
         let mut headers = self.config.headers.clone();
@@ -610,6 +647,9 @@ impl Connector {
                     headers.insert(name, value);
                 }
             }
+        }
+        if let Some(value) = offer.header_value() {
+            headers.insert(capability::HEADER, value);
         }
         let mut req = format!("GET {} HTTP/1.1\r\n", t.path_and_query);
         if !headers.contains_key(http::header::HOST) {
@@ -664,13 +704,16 @@ impl Connector {
                 "Sec-WebSocket-Accept {accept:?} does not match the key (expected {expected})"
             )));
         }
-        Ok(WebSocketStream::from_partially_read(
+        // Only what was offered counts: a server cannot turn on what this side did not ask for.
+        let agreed = Capabilities::from_headers(&head.headers).intersect(offer);
+        let ws = WebSocketStream::from_partially_read(
             io,
             head.leftover,
             Role::Client,
             Some(self.config.websocket),
         )
-        .await)
+        .await;
+        Ok((ws, agreed))
     }
 }
 
@@ -788,6 +831,38 @@ where
     F: FnMut(WebSocketStream<BoxedIo>) -> Fut,
     Fut: Future<Output = SessionEnd>,
 {
+    run_loop(connector, cancel, Capabilities::NONE, |ws, _| {
+        on_connected(ws)
+    })
+    .await
+}
+
+/// [`run_forever`], offering the configured extensions on every attempt
+/// ([`ConnectorConfig::set_capabilities`]) and handing each session the set the server agreed
+/// to, which it must run with ([`Capabilities::apply`]).
+pub async fn run_forever_agreed<F, Fut>(
+    connector: &Connector,
+    cancel: CancellationToken,
+    on_connected: F,
+) -> RunEnd
+where
+    F: FnMut(WebSocketStream<BoxedIo>, Capabilities) -> Fut,
+    Fut: Future<Output = SessionEnd>,
+{
+    let offer = connector.config.capabilities;
+    run_loop(connector, cancel, offer, on_connected).await
+}
+
+async fn run_loop<F, Fut>(
+    connector: &Connector,
+    cancel: CancellationToken,
+    offer: Capabilities,
+    mut on_connected: F,
+) -> RunEnd
+where
+    F: FnMut(WebSocketStream<BoxedIo>, Capabilities) -> Fut,
+    Fut: Future<Output = SessionEnd>,
+{
     let url = &connector.config.url;
     let backoff = &connector.config.backoff;
     let stats = &connector.stats;
@@ -797,17 +872,17 @@ where
         let attempt = tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            r = connector.connect() => r,
+            r = connector.connect_offering(offer) => r,
         };
         match attempt {
-            Ok(ws) => {
-                tracing::info!(%url, "tunnel connected");
+            Ok((ws, agreed)) => {
+                tracing::info!(%url, ?agreed, "tunnel connected");
                 stats.up.store(1, Ordering::Relaxed);
                 let started = Instant::now();
                 let end = tokio::select! {
                     biased;
                     () = cancel.cancelled() => None,
-                    end = on_connected(ws) => Some(end),
+                    end = on_connected(ws, agreed) => Some(end),
                 };
                 stats.up.store(0, Ordering::Relaxed);
                 let uptime = started.elapsed();
