@@ -33,8 +33,9 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_util::sync::CancellationToken;
+use tunnel_proto::driver::capability::{self, Capabilities};
 use tunnel_proto::driver::connector::{
-    BackoffConfig, Connector, ConnectorConfig, RunEnd, SessionEnd, run_forever,
+    BackoffConfig, Connector, ConnectorConfig, RunEnd, SessionEnd, run_forever_agreed,
 };
 use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Stream, Tunnel, pipe, websocket_config};
 use tunnel_proto::mux::SessionError;
@@ -123,6 +124,8 @@ struct RustClient {
     cancel: CancellationToken,
     /// (session number, its tunnel), updated at every (re)connect.
     tunnels: watch::Receiver<(u64, Option<Tunnel>)>,
+    /// The extensions each session agreed to (it offers all of them every time).
+    agreed: Arc<Mutex<Vec<Capabilities>>>,
     task: tokio::task::JoinHandle<RunEnd>,
 }
 
@@ -146,14 +149,21 @@ impl RustClient {
         let connector = Connector::new(cfg).expect("connector config");
         let (tx, tunnels) = watch::channel((0, None));
         let cancel = CancellationToken::new();
+        let agreed: Arc<Mutex<Vec<Capabilities>>> = Arc::default();
         let task = {
             let connector = connector.clone();
             let cancel = cancel.clone();
+            let agreed = agreed.clone();
             tokio::spawn(async move {
                 let mut generation = 0;
-                run_forever(&connector, cancel, move |ws| {
+                // The connector offers every extension (its default), as our agents do; a
+                // Go server never answers, so the session runs the plain protocol.
+                run_forever_agreed(&connector, cancel, move |ws, capabilities| {
                     generation += 1;
-                    let (tunnel, driver) = Tunnel::new(ws, config.clone(), allow_tcp());
+                    agreed.lock().unwrap().push(capabilities);
+                    let mut config = config.clone();
+                    capabilities.apply(&mut config);
+                    let (tunnel, driver) = Tunnel::new(ws, config, allow_tcp());
                     serve_streams(tunnel.clone(), app.clone());
                     tx.send_replace((generation, Some(tunnel)));
                     async move {
@@ -170,6 +180,7 @@ impl RustClient {
             connector,
             cancel,
             tunnels,
+            agreed,
             task,
         }
     }
@@ -202,7 +213,8 @@ impl Drop for RustClient {
 
 struct RustServer {
     url: String,
-    sessions: mpsc::UnboundedReceiver<Tunnel>,
+    /// Each session, with the extensions agreed in its upgrade.
+    sessions: mpsc::UnboundedReceiver<(Tunnel, Capabilities)>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -220,18 +232,28 @@ impl RustServer {
                 let tx = tx.clone();
                 let app = app.clone();
                 tokio::spawn(async move {
-                    // Like the Go server: the client key is X-Tunnel-ID; none means 401.
+                    // Like the Go server: the client key is X-Tunnel-ID; none means 401. And
+                    // like an acceptor willing to speak every extension: it answers what the
+                    // client offers (a Go client offers nothing).
+                    let agreed = Arc::new(Mutex::new(Capabilities::NONE));
+                    let answer = agreed.clone();
                     #[allow(clippy::result_large_err)]
-                    let check =
-                        |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-                            match req.headers().get("x-tunnel-id") {
-                                Some(v) if !v.is_empty() => Ok(resp),
-                                _ => Err(http::Response::builder()
-                                    .status(401)
-                                    .body(Some("failed authentication".to_owned()))
-                                    .unwrap()),
-                            }
-                        };
+                    let check = move |req: &Request,
+                                      mut resp: Response|
+                          -> Result<Response, ErrorResponse> {
+                        let capabilities = Capabilities::answer(req.headers(), Capabilities::ALL);
+                        if let Some(v) = capabilities.header_value() {
+                            resp.headers_mut().insert(capability::HEADER, v);
+                        }
+                        *answer.lock().unwrap() = capabilities;
+                        match req.headers().get("x-tunnel-id") {
+                            Some(v) if !v.is_empty() => Ok(resp),
+                            _ => Err(http::Response::builder()
+                                .status(401)
+                                .body(Some("failed authentication".to_owned()))
+                                .unwrap()),
+                        }
+                    };
                     let config = websocket_config(DEFAULT_MAX_MESSAGE);
                     let Ok(ws) =
                         tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(config))
@@ -239,9 +261,12 @@ impl RustServer {
                     else {
                         return;
                     };
-                    let tunnel = Tunnel::spawn(ws, SessionConfig::new(Role::Server), allow_tcp());
+                    let capabilities = *agreed.lock().unwrap();
+                    let mut session = SessionConfig::new(Role::Server);
+                    capabilities.apply(&mut session);
+                    let tunnel = Tunnel::spawn(ws, session, allow_tcp());
                     serve_streams(tunnel.clone(), app);
-                    let _ = tx.send(tunnel);
+                    let _ = tx.send((tunnel, capabilities));
                 });
             }
         });
@@ -253,10 +278,16 @@ impl RustServer {
     }
 
     async fn next_session(&mut self) -> Tunnel {
-        timeout(Duration::from_secs(20), self.sessions.recv())
+        let (tunnel, capabilities) = timeout(Duration::from_secs(20), self.sessions.recv())
             .await
             .expect("the Go client did not connect to the Rust server within 20 s")
-            .expect("server task alive")
+            .expect("server task alive");
+        assert_eq!(
+            capabilities,
+            Capabilities::NONE,
+            "a Go client offers no extension, so none is agreed"
+        );
+        tunnel
     }
 }
 
@@ -309,6 +340,11 @@ impl Pair {
                 let server = GoServer::start("127.0.0.1:0", go_flags).await;
                 let mut client = RustClient::start(&server.ws_url, app.clone());
                 let rust = client.tunnel(1).await;
+                assert_eq!(
+                    client.agreed.lock().unwrap()[..],
+                    [Capabilities::NONE],
+                    "a Go server answers no extension, so none is agreed"
+                );
                 Pair {
                     kind,
                     app,
@@ -430,6 +466,11 @@ impl Pair {
         let stats = self.rust.stats();
         assert_eq!(stats.protocol_errors, 0, "{stats:?}");
         assert_eq!(stats.buffer_limit_resets, 0, "{stats:?}");
+        assert_eq!(
+            (stats.window_updates_sent, stats.window_updates_received),
+            (0, 0),
+            "no credit window extension with a Go peer: {stats:?}"
+        );
         let drained = timeout(Duration::from_secs(15), async {
             while self.rust.stream_count() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1447,4 +1488,97 @@ async fn rust_client_go_server_sync_during_connect_bursts_kills_no_stream() {
     );
     server.proc.assert_no_session_errors();
     assert!(tunnel.close_reason().is_none());
+}
+
+/// A Go client against the real acceptor willing to speak every extension: the Go client
+/// offers none, so none is agreed (no capability header in the 101), and streams work both
+/// ways on the plain protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_client_rust_acceptor_agrees_no_extension_and_works() {
+    use tunnel_proto::driver::acceptor::{
+        Acceptor, AcceptorConfig, AuthRequest, ClientKey, Reject, text_response,
+    };
+    support::raise_fd_limit();
+    let app = App::new(Arc::new(Ledger::default()));
+    let mut config = AcceptorConfig::new(["/connect"]);
+    config
+        .set_capabilities(Capabilities::ALL)
+        .set_shutdown_grace(Duration::from_secs(2))
+        .set_websocket_config(Some(websocket_config(DEFAULT_MAX_MESSAGE)));
+    let (tx, mut sessions) = mpsc::unbounded_channel();
+    let serve_app = app.clone();
+    let acceptor = Acceptor::new(
+        config,
+        |req: AuthRequest| async move {
+            match req.headers.get("x-tunnel-id").and_then(|v| v.to_str().ok()) {
+                Some(id) if !id.is_empty() => Ok(ClientKey::new(id)),
+                _ => Err(Reject::Unauthorized),
+            }
+        },
+        move |accepted| {
+            let tx = tx.clone();
+            let app = serve_app.clone();
+            async move {
+                let mut session = SessionConfig::new(Role::Server);
+                accepted.capabilities.apply(&mut session);
+                let (tunnel, driver) = Tunnel::new(accepted.ws, session, allow_tcp());
+                serve_streams(tunnel.clone(), app);
+                let _ = tx.send((tunnel, accepted.capabilities, accepted.headers));
+                driver.await;
+            }
+        },
+        |_req| async { text_response(http::StatusCode::NOT_FOUND, "no route") },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/connect", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { acceptor.serve(listener, shutdown).await }
+    });
+    let client = GoClient::start(&url, KEY, &[]).await;
+    let (tunnel, agreed, headers) = timeout(Duration::from_secs(20), sessions.recv())
+        .await
+        .expect("the Go client connects within 20 s")
+        .unwrap();
+    client.connected(0).await;
+    assert!(headers.get(capability::HEADER).is_none(), "{headers:?}");
+    assert_eq!(agreed, Capabilities::NONE);
+
+    // Client-initiated (Go opens, the acceptor's session pipes to the echo service) ...
+    let (echo, _) = echo_service().await;
+    let mut s = client.open("tcp", &echo.to_string()).await.unwrap();
+    timeout(
+        Duration::from_secs(10),
+        echo_round(&mut s, &[0x5a; 64 << 10]),
+    )
+    .await
+    .expect("echo within 10 s")
+    .unwrap();
+    drop(s);
+    // ... and server-initiated (the acceptor's session opens, the Go client dials).
+    let mut s = tunnel.open("tcp", &echo.to_string()).unwrap();
+    timeout(
+        Duration::from_secs(10),
+        echo_round(&mut s, b"server-initiated"),
+    )
+    .await
+    .expect("echo within 10 s")
+    .unwrap();
+    drop(s);
+    let stats = tunnel.stats();
+    assert_eq!(
+        (
+            stats.window_updates_sent,
+            stats.window_updates_received,
+            stats.protocol_errors
+        ),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    client.proc.assert_no_session_errors();
+    assert!(app.error_count() == 0, "{:?}", app.errors.lock().unwrap());
+    shutdown.cancel();
+    drop(client);
+    let _ = timeout(Duration::from_secs(35), serving).await;
 }

@@ -186,6 +186,10 @@ pub struct Stats {
     pub pauses_received: u64,
     /// Streams closed by a received SyncConnections.
     pub synced_closes: u64,
+    /// WindowUpdates sent (credit windows only; always 0 with a Go peer).
+    pub window_updates_sent: u64,
+    /// WindowUpdates received and applied (credit windows only).
+    pub window_updates_received: u64,
 }
 
 /// A frame in the control queue.
@@ -712,6 +716,7 @@ impl Session {
             return Err(ProtocolError::WindowOverflow { conn_id });
         }
         stream.send_credit = credit;
+        self.stats.window_updates_received += 1;
         if stream.next_frame_len().is_some() {
             self.scheduler.activate(conn_id);
         }
@@ -919,6 +924,7 @@ impl Session {
                 stream.recv_ungranted -= grant;
                 stream.recv_credit += grant;
                 let grant = u32::try_from(grant).expect("capped at u32::MAX");
+                self.stats.window_updates_sent += 1;
                 self.queue_message(id, Body::WindowUpdate(grant));
             }
         }
