@@ -18,8 +18,11 @@
 //! - [`driver`]: the tokio side: one task per websocket, streams as `AsyncRead + AsyncWrite`,
 //!   the client connector (TLS, CA pinning, proxies, reconnect) and the server acceptor.
 //!
-//! The wire behaviour follows `spec/remotedialer-wire.md`; where both ends are this project's,
-//! nothing changes on the wire yet, so a Go peer is always safe.
+//! The wire behaviour follows `spec/remotedialer-wire.md`. Where both ends are this project's
+//! and both said so in the websocket upgrade ([`driver::capability`]), the sessions add
+//! per-stream credit windows (a WindowUpdate message, type 32) and interactive-first
+//! scheduling ([`SessionConfig::credit_window`]); a Go peer never asks, so it always gets the
+//! plain protocol, byte for byte.
 
 pub mod config;
 pub mod driver;

@@ -1,5 +1,7 @@
 //! Random operations on a client and a server session joined by an in-memory link, with raw
-//! bytes injected on either side: no panic, and the bounds hold after every step.
+//! bytes injected on either side: no panic, and the bounds hold after every step. Half the
+//! inputs run both sessions with credit windows (the negotiated extension), where no stream
+//! may ever hold more than a window unread, whatever the injected bytes say.
 #![no_main]
 
 use std::sync::Arc;
@@ -28,15 +30,23 @@ enum Op {
     CloseSession { server: bool },
 }
 
+#[derive(Debug, Arbitrary)]
+struct Input {
+    credit_windows: bool,
+    ops: Vec<Op>,
+}
+
 const MAX_RECV: usize = 256 << 10;
 const MAX_STREAMS: usize = 32;
+const WINDOW: u32 = 32 << 10;
 
-fn session(role: Role, now: Instant) -> Session {
+fn session(role: Role, now: Instant, credit_windows: bool) -> Session {
     let mut config = SessionConfig::new(role);
     config
         .max_stream_recv_buffer(MAX_RECV)
         .pause_thresholds(64 << 10, 16 << 10)
-        .max_streams(MAX_STREAMS);
+        .max_streams(MAX_STREAMS)
+        .credit_window(credit_windows.then_some(WINDOW));
     Session::new(config, Arc::new(|t: &Target| t.proto != "unix"), now)
 }
 
@@ -45,16 +55,21 @@ fn pick(session: &Session, pick: u16) -> Option<i64> {
     (!ids.is_empty()).then(|| ids[usize::from(pick) % ids.len()])
 }
 
-fn check(session: &Session) {
+fn check(session: &Session, credit_windows: bool) {
     assert!(session.stream_count() <= MAX_STREAMS);
+    let bound = if credit_windows { WINDOW as usize } else { MAX_RECV };
     for id in session.open_stream_ids() {
-        assert!(session.stream_buffered(id) <= MAX_RECV);
+        assert!(session.stream_buffered(id) <= bound);
     }
 }
 
-fuzz_target!(|ops: Vec<Op>| {
+fuzz_target!(|input: Input| {
+    let Input { credit_windows, ops } = input;
     let mut now = Instant::now();
-    let mut sides = [session(Role::Client, now), session(Role::Server, now)];
+    let mut sides = [
+        session(Role::Client, now, credit_windows),
+        session(Role::Server, now, credit_windows),
+    ];
     for op in ops.into_iter().take(256) {
         match op {
             Op::Open { server, proto } => {
@@ -125,7 +140,7 @@ fuzz_target!(|ops: Vec<Op>| {
         }
         for s in &mut sides {
             while s.poll_event().is_some() {}
-            check(s);
+            check(s, credit_windows);
         }
     }
 });
