@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_proto::driver::connector::{
-    Connector, ConnectorConfig, RunEnd, SessionEnd, Trust, run_forever,
+    Connector, ConnectorConfig, RunEnd, SessionEnd, Trust, run_forever_agreed,
 };
 use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, Stream, Tunnel, websocket_config};
 use tunnel_proto::{Role, SessionConfig};
@@ -369,15 +369,18 @@ async fn tunnel_loop(spec: TunnelSpec, ctx: LoopCtx) {
         ctx.tunnel_metrics.set_connector(connector.stats().clone());
         tracing::info!(tunnel = name, %url, "connecting");
         let min_delay = connector.config().backoff().min_delay();
-        let end = run_forever(&connector, ctx.hard_stop.clone(), |ws| {
+        // Offers the credit-window extension on every attempt; a Go server never answers it and
+        // the session runs the plain protocol.
+        let end = run_forever_agreed(&connector, ctx.hard_stop.clone(), |ws, agreed| {
             let authorizer = authorizer.clone();
             let ctx = &ctx;
             let spec = &spec;
             let url = &url;
             async move {
                 ctx.in_session.store(true, Ordering::SeqCst);
-                let tunnel =
-                    Tunnel::spawn(ws, SessionConfig::new(Role::Client), authorizer.clone());
+                let mut session_config = SessionConfig::new(Role::Client);
+                agreed.apply(&mut session_config);
+                let tunnel = Tunnel::spawn(ws, session_config, authorizer.clone());
                 let _close = CloseOnDrop(tunnel.clone());
                 if let Some(marker) = &spec.connected_marker {
                     touch_marker(marker);

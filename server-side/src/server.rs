@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tunnel_proto::driver::acceptor::{
     AcceptedTunnel, Acceptor, AcceptorConfig, AuthRequest, tls_server_config,
 };
+use tunnel_proto::driver::capability::Capabilities;
 use tunnel_proto::driver::registry::{Registry, RegistryEvent, serve_acceptor_tunnel};
 use tunnel_proto::driver::{DEFAULT_MAX_MESSAGE, websocket_config};
 use tunnel_proto::mux::refuse_all;
@@ -314,7 +315,10 @@ impl Server {
             .set_max_connections(config.max_connections)
             .set_max_connections_per_peer(config.max_connections_per_peer)
             .set_header_read_timeout(config.header_read_timeout)
-            .set_websocket_config(Some(websocket_config(DEFAULT_MAX_MESSAGE)));
+            .set_websocket_config(Some(websocket_config(DEFAULT_MAX_MESSAGE)))
+            // Our agents offer per-stream credit windows; serve_acceptor_tunnel applies what was
+            // agreed. Go agents never offer it and keep the plain protocol.
+            .set_capabilities(Capabilities::ALL);
         let auth_app = app.clone();
         let tunnel_app = app.clone();
         let route_app = app.clone();
