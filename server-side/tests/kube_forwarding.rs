@@ -7,7 +7,8 @@
 //!    through its watch: printed, and under 1 s after A's own view shows it;
 //! 2. requests through B reach the cluster through A, as the user (`Impersonate-User`), with
 //!    the agent's credentials; several in a row (pooled peer connections); exec-style upgrades
-//!    (SPDY/3.1 and websocket) echo both ways across the hop;
+//!    (SPDY/3.1 and websocket) echo both ways across the hop; the same for a node agent's
+//!    Docker API (a stand-in dockerd): `_ping` and an exec hijack (`Upgrade: tcp`);
 //! 3. B authenticates and authorises: no token → 401, a user without a grant → 403, a forged
 //!    forwarding header on the public listener → 401; the peer listener refuses a client
 //!    without a certificate from the server's CA;
@@ -211,6 +212,51 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
     println!(
         "3. 401 without a token, 403 without a grant, 401 with forged headers; peer listener without a client certificate: {refused}"
     );
+
+    // === 2b. the Docker API of a node whose agent is on A, through B ===
+    let dockerd = FakeDockerd::start(dir.path());
+    let node_id = "m-164546f60261"; // md5("node1")
+    let _node_agent = connect_agent(
+        &a,
+        "/v3/connect/register",
+        agent_headers(
+            &registration_token,
+            &json!({"node": {"requestedHostname": "node1"}}),
+        ),
+        tunnel_proto::driver::connector::Trust::CaBundle {
+            pem: a.ca_pem().into_bytes(),
+            with_system_roots: false,
+        },
+        Some(dockerd.socket.clone()),
+    )
+    .await
+    .unwrap();
+    let ping = format!("/docker/nodes/{node_id}/_ping");
+    // B forwards once its watch has the node's presence.
+    let reply = eventually(Duration::from_secs(10), "docker ping through B", || async {
+        let reply = on_b.get(&ping, Some(&alice)).await;
+        (reply.status == StatusCode::OK).then_some(reply)
+    })
+    .await;
+    assert_eq!(reply.body, "OK");
+    let req = Request::post(format!("/docker/nodes/{node_id}/v1.41/exec/abc/start"))
+        .header("host", "x")
+        .header("authorization", format!("Bearer {alice}"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "tcp")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = on_b.send_streaming(req).await;
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(b"ls -l\n").await.unwrap();
+    let mut buf = [0u8; 6];
+    timeout(Duration::from_secs(10), io.read_exact(&mut buf))
+        .await
+        .expect("no echo from dockerd within 10 s")
+        .unwrap();
+    assert_eq!(&buf, b"LS -L\n");
+    println!("2b. docker _ping and an exec hijack (Upgrade: tcp) through B → A's node tunnel");
 
     // === 4. one hop: a stale status names A, which no longer holds the tunnel ===
     agent.close();
