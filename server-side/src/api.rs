@@ -938,6 +938,7 @@ fn schemas() -> Value {
             "presence": { "$ref": "#/components/schemas/Presence" } } },
         "Presence": { "type": "object", "nullable": true, "description": "the tunnel's live state as the replicas recorded it in the store (GET of one object only)", "properties": {
             "connected": { "type": "boolean" }, "replica": { "type": "string", "description": "the replica that holds (or last held) the tunnel" },
+            "peer": { "type": "string", "description": "host:port of that replica's peer listener (Kubernetes store with --peer-listen only)" },
             "lastSeen": ts, "since": { "type": "integer", "format": "int64", "description": "Unix seconds connected last changed" } } },
         "ClusterList": list("Cluster"),
         "NewCluster": { "type": "object", "required": ["name"], "properties": { "name": { "type": "string" } } },

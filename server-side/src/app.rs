@@ -65,6 +65,9 @@ pub struct App {
     pub live: crate::live::Live,
     /// New nodes per cluster over the last minute (bounded, [`crate::tunnel_auth`]).
     pub node_creations: crate::tunnel_auth::NodeCreations,
+    /// Forwarding to the replica that holds a tunnel ([`crate::peers`]); `None` with one
+    /// replica (SQLite, or no `--peer-listen`).
+    pub peers: Option<crate::peers::Peers>,
     connectivity: Mutex<HashMap<String, Connectivity>>,
 }
 
@@ -92,11 +95,18 @@ impl App {
             known_good: KnownGood::new(DEFAULT_KNOWN_GOOD),
             live: crate::live::Live::default(),
             node_creations: crate::tunnel_auth::NodeCreations::default(),
+            peers: None,
             config,
             metrics: Metrics::default(),
             upstreams: crate::proxy::pool::Pool::default(),
             connectivity: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// With forwarding to the replicas that hold tunnels ([`crate::peers`]).
+    pub fn with_peers(mut self, peers: crate::peers::Peers) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// The `CATTLE_CA_CHECKSUM` agents should pin.

@@ -29,6 +29,7 @@ pub mod kubeconfig;
 pub mod live;
 pub mod metrics;
 pub mod migrate;
+pub mod peers;
 pub mod pki;
 pub mod presence;
 pub mod probe;

@@ -1,7 +1,7 @@
 //! `tunnel-server`: the management server and its admin CLI.
 //!
 //! ```text
-//! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http] [--auth-failure-burst N] [--auth-failure-refill R] [--auth-failure-max-addresses N]
+//! tunnel-server [--data-dir DIR] serve [--listen ADDR] [--server-url URL] [--tls-cert F --tls-key F [--cacerts F]] [--insecure-http] [--auth-failure-burst N] [--auth-failure-refill R] [--auth-failure-max-addresses N] [--peer-listen ADDR [--peer-address HOST:PORT]]
 //! tunnel-server login --server URL --token TOKEN [--certificate-authority F | --fetch-ca | --insecure-skip-tls-verify] [--context NAME]
 //! tunnel-server context list | context use NAME | context rm NAME
 //! tunnel-server [GLOBAL] cluster add NAME | cluster list | cluster rm CLUSTER
@@ -109,6 +109,8 @@ impl StoreChoice {
     }
 }
 
+// Parsed once at start: the size of `Serve`'s arguments costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
@@ -215,6 +217,15 @@ struct ServeArgs {
     /// Seconds a client may take to send a request's headers (slow clients are cut).
     #[arg(long, default_value_t = 30.0)]
     header_read_timeout: f64,
+    /// With --store kubernetes and several replicas: listen here (mutual TLS with the
+    /// server's CA) for requests other replicas forward to this one because it holds the
+    /// tunnel, and forward to them the requests for tunnels they hold. Off when not given.
+    #[arg(long, env = "TUNNEL_SERVER_PEER_LISTEN")]
+    peer_listen: Option<String>,
+    /// host:port the other replicas reach the peer listener at (default: $POD_IP and the
+    /// peer listener's port, else its address when it is not 0.0.0.0).
+    #[arg(long, env = "TUNNEL_SERVER_PEER_ADDRESS", requires = "peer_listen")]
+    peer_address: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -328,7 +339,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => Ok(server_side::migrate::run(&args, &choice.kube)?),
-        Command::Serve(args) => serve(choice.data_dir.clone(), choice.open()?, args),
+        Command::Serve(args) => {
+            if args.peer_listen.is_some() && choice.kind != StoreKind::Kubernetes {
+                bail!("--peer-listen needs --store kubernetes (with SQLite there is one replica)");
+            }
+            serve(choice.data_dir.clone(), choice.open()?, args)
+        }
         Command::Login(args) => cli::login(&cli.target, args),
         Command::Context(cmd) => cli::context_command(cmd),
         other => match cli::remote(&cli.target, store_given)? {
@@ -373,6 +389,12 @@ fn serve(
     config.max_connections = args.max_connections;
     config.max_connections_per_peer = args.max_connections_per_peer;
     config.header_read_timeout = secs(args.header_read_timeout, "--header-read-timeout")?;
+    config.peers = args
+        .peer_listen
+        .map(|listen| server_side::peers::PeerConfig {
+            listen,
+            address: args.peer_address,
+        });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -386,6 +408,9 @@ fn serve(
         println!("listening on {} ({url})", server.local_addr());
         if let Some(addr) = server.metrics_addr() {
             println!("metrics on {addr}");
+        }
+        if let Some(addr) = server.peer_addr() {
+            println!("peers on {addr}");
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));

@@ -58,6 +58,35 @@ fn serving_cert(sans: &[String], ca_key: &KeyPair) -> Result<(String, String), r
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A certificate for one replica's peer channel ([`crate::peers`]): signed by the server's
+/// CA, good for both ends of mutual TLS (server and client authentication), naming `sans`
+/// (the replica's peer address host) with `common_name` (the replica). Returns (cert, key) PEM.
+pub fn peer_cert(
+    pki: &ServerPki,
+    common_name: &str,
+    sans: &[String],
+) -> Result<(String, String), PkiError> {
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "tunnel-server-peers");
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let ca_key = KeyPair::from_pem(&pki.ca_key_pem)?;
+    let key = KeyPair::generate()?;
+    let issuer = Issuer::new(ca_params(), &ca_key);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// Loads the PKI from the store, creating the CA on first start and (re)issuing the serving
 /// certificate when `sans` differ from the stored one's.
 pub fn ensure(store: &dyn Store, sans: &[String]) -> Result<ServerPki, PkiError> {

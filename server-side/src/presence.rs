@@ -52,9 +52,10 @@ async fn write(
         return;
     }
     let replica = &app.config.replica;
+    let peer = app.peers.as_ref().map_or("", |p| p.address());
     match app
         .store
-        .record_presence(&end, connected, replica, now_unix())
+        .record_presence(&end, connected, replica, peer, now_unix())
         .await
     {
         Ok(_) => {

@@ -104,6 +104,9 @@ pub struct ServeConfig {
     pub max_connections_per_peer: usize,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// The peer listener, for forwarding requests to the replica that holds a tunnel
+    /// ([`crate::peers`]; several replicas on the Kubernetes store). `None`: no forwarding.
+    pub peers: Option<crate::peers::PeerConfig>,
 }
 
 impl ServeConfig {
@@ -126,6 +129,7 @@ impl ServeConfig {
             max_connections_per_peer:
                 tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             header_read_timeout: tunnel_proto::driver::acceptor::DEFAULT_HEADER_READ_TIMEOUT,
+            peers: None,
         }
     }
 }
@@ -155,6 +159,9 @@ pub enum ServeError {
     /// The rate-limit settings are unusable.
     #[error("auth rate limit: {0}")]
     AuthLimit(#[from] AuthLimitConfigError),
+    /// The peer listener could not be set up.
+    #[error("peers: {0}")]
+    Peers(#[from] crate::peers::PeerError),
     /// The server URL is not a URL.
     #[error("invalid --server-url {0:?}: expected http(s)://host[:port]")]
     ServerUrl(String),
@@ -184,6 +191,7 @@ pub struct Server {
     acceptor: Acceptor,
     local_addr: SocketAddr,
     metrics_listener: Option<TcpListener>,
+    peer_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -293,8 +301,35 @@ impl Server {
         store.set_setting("server-url", &server_url)?;
         store.set_setting("cacerts", &cacerts)?;
 
+        let mut peer_listener = None;
+        let mut peers = None;
+        if let Some(peer_config) = &config.peers {
+            let listener = TcpListener::bind(&peer_config.listen)
+                .await
+                .map_err(io_err(format!(
+                    "binding the peer address {}",
+                    peer_config.listen
+                )))?;
+            let bound = listener
+                .local_addr()
+                .map_err(io_err("reading the peer listen address"))?;
+            let address = crate::peers::advertised_address(peer_config, bound)?;
+            let host = address
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                .unwrap_or_default();
+            let tls = crate::peers::PeerTls::issue(store.as_ref(), &config.replica, host)?;
+            tracing::info!(%bound, %address, "peer listener (mutual TLS) for requests forwarded by other replicas");
+            peers = Some(crate::peers::Peers::new(
+                config.replica.clone(),
+                address,
+                &tls,
+            ));
+            peer_listener = Some((listener, tls.server));
+        }
+
         let registry = Registry::default();
-        let app = Arc::new(App::new(
+        let app = App::new(
             store,
             registry.clone(),
             AppConfig {
@@ -306,7 +341,11 @@ impl Server {
                 auth_limit: config.auth_limit.clone(),
                 replica: config.replica.clone(),
             },
-        ));
+        );
+        let app = Arc::new(match peers {
+            Some(peers) => app.with_peers(peers),
+            None => app,
+        });
 
         let mut acceptor_config = AcceptorConfig::new(MOUNT_PATHS);
         acceptor_config
@@ -337,7 +376,15 @@ impl Server {
             acceptor,
             local_addr,
             metrics_listener,
+            peer_listener,
         })
+    }
+
+    /// The bound peer listener address, if any.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The bound address.
@@ -368,6 +415,14 @@ impl Server {
             tokio::spawn(crate::routes::serve_metrics(
                 self.app.clone(),
                 listener,
+                background.clone(),
+            ));
+        }
+        if let Some((listener, tls)) = self.peer_listener {
+            tokio::spawn(crate::peers::serve(
+                self.app.clone(),
+                listener,
+                tls,
                 background.clone(),
             ));
         }

@@ -15,6 +15,8 @@ mod support;
 
 #[path = "../../agent-cluster/tests/real_kube/mod.rs"]
 mod real_kube;
+#[path = "support/replicas.rs"]
+mod replicas;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ use tokio::sync::Mutex;
 use tokio::time::timeout;
 
 use real_kube::RealKube;
+use replicas::{KubeStore, start_kube};
 use support::*;
 
 /// Users (and a grant each) created at once through both replicas.
@@ -38,9 +41,10 @@ const USERS: usize = 40;
 async fn two_replicas_share_one_apiserver() {
     let dir = TempDir::new("kube-replicas");
     let parent = dir.path().to_owned();
-    let Some(kube) = tokio::task::spawn_blocking(move || start_kube(&parent))
-        .await
-        .unwrap()
+    let Some(kube) =
+        tokio::task::spawn_blocking(move || start_kube("server-side kube_replicas", &parent))
+            .await
+            .unwrap()
     else {
         return;
     };
@@ -51,31 +55,14 @@ async fn two_replicas_share_one_apiserver() {
 }
 
 async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
-    let ns = format!("replicas-{}", server_side::tokens::random_string(6));
-    kube.kubectl(&["create", "namespace", &ns]);
-    let kubeconfig = kube.dir.join("admin.kubeconfig").display().to_string();
-    let global = [
-        "--store",
-        "kubernetes",
-        "--kubeconfig",
-        kubeconfig.as_str(),
-        "--namespace",
-        ns.as_str(),
-    ];
+    let store = KubeStore::create(&kube, "replicas");
+    let ns = store.namespace.clone();
     let (dir_a, dir_b): (PathBuf, PathBuf) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    let mut admin_args = global.to_vec();
-    admin_args.push("--admin");
-    let admin = add_user(&dir_a, "root", &admin_args);
+    let admin = store.add_admin(&dir_a, "root");
 
     // One after the other: A creates the PKI in the store, B finds it.
-    let named = |replica: &'static str| {
-        let mut args = global.to_vec();
-        args.extend(["--replica-name", replica]);
-        args
-    };
-    let a = ServerProc::start_with(&dir_a, &named("replica-a"));
-    let b = ServerProc::start_with(&dir_b, &named("replica-b"));
+    let a = store.replica(&dir_a, "replica-a", &[]);
+    let b = store.replica(&dir_b, "replica-b", &[]);
     assert_eq!(a.ca_pem(), b.ca_pem(), "one CA for both replicas");
     let servers = [a.client(), b.client()];
     let names = ["A", "B"];
@@ -514,20 +501,4 @@ async fn drive_load(
             }
         }
     }
-}
-
-// === the Kubernetes fixture ===
-
-fn start_kube(parent: &std::path::Path) -> Option<RealKube> {
-    let kube = RealKube::start("server-side kube_replicas", parent)?;
-    let crds = String::from_utf8(
-        std::process::Command::new(BIN)
-            .arg("crds")
-            .output()
-            .expect("tunnel-server crds")
-            .stdout,
-    )
-    .unwrap();
-    kube.install_crds(&crds);
-    Some(kube)
 }

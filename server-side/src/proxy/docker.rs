@@ -19,6 +19,7 @@ use super::pool::current_session;
 use super::{Audit, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
 use crate::http_util::{store_failure, text};
+use crate::peers::Route;
 
 /// Serves one request for node `node_id`; `rest` is the path after the prefix.
 pub async fn handle(
@@ -56,6 +57,20 @@ pub async fn handle(
         }
         Err(err) => return audit.respond(store_failure(&err)),
     }
+    let key = ClientKey::new(node.client_key());
+    match crate::peers::route_of(&app, &req, &key).await {
+        Route::Local => {}
+        Route::Owner { replica, address } => {
+            let peers = app
+                .peers
+                .as_ref()
+                .expect("an owner is only named with peering");
+            return peers
+                .forward(&app, req, audit, &user, &replica, &address)
+                .await;
+        }
+        Route::Refused(resp) => return audit.respond(resp),
+    }
     let rest = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{rest}?{q}"),
@@ -66,7 +81,6 @@ pub async fn handle(
         host: "docker".to_owned(),
         set_headers: Vec::new(),
     };
-    let key = ClientKey::new(node.client_key());
     let upstream = Upstream {
         target: format!("docker/{}/{}", node.client_key(), node.docker_socket),
         client_key: key.clone(),

@@ -95,6 +95,15 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
     }
     headers.remove(http::header::AUTHORIZATION);
     headers.remove(http::header::COOKIE);
+    // Only replicas name a forwarded request's user, and only on the peer listener.
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(crate::peers::HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in internal {
+        headers.remove(name);
+    }
 }
 
 // === audit ===
@@ -156,6 +165,17 @@ impl Audit {
         target: &str,
     ) -> Result<(Self, crate::store::User), Response<ResponseBody>> {
         let mut audit = Self::new(app.clone(), kind, target, req.method(), req.uri().path());
+        // Forwarded by another replica, which authenticated the user and holds the user's
+        // connection (and so cuts it on a revocation): the user is re-read here, by id.
+        if let Some(fwd) = req.extensions().get::<crate::peers::Forwarded>() {
+            return match crate::peers::forwarded_user(app, fwd).await {
+                Ok(user) => {
+                    audit.set_user(&format!("{} (via {})", user.name, fwd.by));
+                    Ok((audit, user))
+                }
+                Err(resp) => Err(audit.respond(resp)),
+            };
+        }
         // Registered before the token is checked: a revocation committed after the check
         // then always finds this request ([`crate::live`]).
         if let Some(bearer) = crate::http_util::bearer(req.headers()) {
@@ -322,7 +342,7 @@ impl ProxyError {
 
 /// An error and its sources, `a: b: c` (hyper's own text hides the tunnel's reason, such as
 /// the agent refusing the dial, in its source).
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -382,21 +402,25 @@ where
     Ok(sender)
 }
 
-/// Sends `req` upstream as one HTTP/1.1 exchange, on a pooled connection when one is idle
-/// (retrying on a fresh one if the pooled one turns out closed before the request went out),
-/// and returns the response to give the client: the body streamed, or, after a `101`, both
-/// connections spliced.
-pub(crate) async fn forward<C, F>(
-    app: &crate::app::App,
+/// The client's request made ready to go upstream: hop-by-hop headers and the client's
+/// credentials removed, [`Rewrite`] applied, the body counted.
+pub(crate) struct Prepared {
+    /// The upstream request.
+    pub req: Request<Counted<Incoming>>,
+    /// Whether it asks for an upgrade.
+    pub upgrade: bool,
+    /// The client side of the upgrade, if it asks for one.
+    pub client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The listener's connection slot, held while an upgraded connection lives.
+    pub slot: Option<tunnel_proto::driver::acceptor::ConnectionSlot>,
+}
+
+/// Prepares `req` for upstream ([`Prepared`]); on a bad rewrite, the response already given.
+pub(crate) fn prepare(
     mut req: Request<Incoming>,
     rewrite: Rewrite,
     mut audit: Audit,
-    upstream: Upstream<C>,
-) -> Response<ResponseBody>
-where
-    C: FnOnce() -> F,
-    F: std::future::Future<Output = Fresh>,
-{
+) -> Result<(Prepared, Audit), Response<ResponseBody>> {
     let upgrade = is_upgrade(req.headers());
     if upgrade {
         // Named in the audit line (capped: the client chose it).
@@ -417,16 +441,16 @@ where
     }
     let host = match HeaderValue::from_str(&rewrite.host) {
         Ok(h) => h,
-        Err(_) => return audit.respond(text(StatusCode::BAD_GATEWAY, "invalid upstream host")),
+        Err(_) => return Err(audit.respond(text(StatusCode::BAD_GATEWAY, "invalid upstream host"))),
     };
     parts.headers.insert(HOST, host);
     parts.uri = match rewrite.path_and_query.parse() {
         Ok(uri) => uri,
-        Err(_) => return audit.respond(text(StatusCode::BAD_REQUEST, "invalid request path")),
+        Err(_) => return Err(audit.respond(text(StatusCode::BAD_REQUEST, "invalid request path"))),
     };
     parts.version = http::Version::HTTP_11;
     let bytes_in = audit.bytes_in.clone();
-    let upstream_req = Request::from_parts(
+    let req = Request::from_parts(
         parts,
         Counted {
             inner: body,
@@ -434,7 +458,38 @@ where
             _audit: None,
         },
     );
+    Ok((
+        Prepared {
+            req,
+            upgrade,
+            client_upgrade,
+            slot,
+        },
+        audit,
+    ))
+}
 
+/// Sends `req` upstream as one HTTP/1.1 exchange, on a pooled connection when one is idle
+/// (retrying on a fresh one if the pooled one turns out closed before the request went out),
+/// and returns the response to give the client: the body streamed, or, after a `101`, both
+/// connections spliced.
+pub(crate) async fn forward<C, F>(
+    app: &crate::app::App,
+    req: Request<Incoming>,
+    rewrite: Rewrite,
+    audit: Audit,
+    upstream: Upstream<C>,
+) -> Response<ResponseBody>
+where
+    C: FnOnce() -> F,
+    F: std::future::Future<Output = Fresh>,
+{
+    let (prepared, audit) = match prepare(req, rewrite, audit) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let upgrade = prepared.upgrade;
+    let upstream_req = prepared.req;
     let pool = &app.upstreams;
     // Ok: answered on a pooled connection; Err: still to send.
     let mut outcome = Err(upstream_req);
@@ -475,7 +530,7 @@ where
             };
         }
     }
-    let mut resp = match outcome {
+    let resp = match outcome {
         Ok(resp) => resp,
         Err(upstream_req) => {
             let exchange = async {
@@ -510,6 +565,17 @@ where
             }
         }
     };
+    relay(resp, prepared.client_upgrade, prepared.slot, audit)
+}
+
+/// The client's response from the upstream one: its body streamed (counted, cut when the
+/// user's access is revoked), or after a `101` both upgraded connections spliced.
+pub(crate) fn relay(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    slot: Option<tunnel_proto::driver::acceptor::ConnectionSlot>,
+    audit: Audit,
+) -> Response<ResponseBody> {
     audit
         .status
         .store(resp.status().as_u16(), Ordering::Relaxed);

@@ -338,7 +338,7 @@ impl StoreHandle {
         fn revoke_grant(&self, user_id: &str, cluster_id: &str) -> bool;
         fn set_pki(&self, pki: &ServerPki) -> ();
         fn set_setting(&self, name: &str, value: &str) -> ();
-        fn record_presence(&self, end: &TunnelEnd, connected: bool, replica: &str, now: i64) -> bool;
+        fn record_presence(&self, end: &TunnelEnd, connected: bool, replica: &str, peer: &str, now: i64) -> bool;
     }
 
     /// [`super::resolve_node`]: the node a user-facing reference names.

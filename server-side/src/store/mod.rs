@@ -253,6 +253,11 @@ pub struct Presence {
     pub connected: bool,
     /// The replica that holds (or last held) the tunnel.
     pub replica: String,
+    /// Where the other replicas reach that replica to forward requests to it
+    /// ([`crate::peers`]): `host:port` of its peer listener; `None` when it has none (SQLite,
+    /// or a replica without `--peer-listen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     /// Unix seconds it was last seen up.
     pub last_seen: i64,
     /// Unix seconds `connected` last changed.
@@ -260,21 +265,24 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// The state after `replica` reports `connected` at `now`, or `None` when the report
-    /// changes nothing durable: a replica that no longer holds the tunnel (another one took
-    /// it over since) reporting it gone.
+    /// The state after `replica` (reachable at `peer`, empty: not reachable) reports
+    /// `connected` at `now`, or `None` when the report changes nothing durable: a replica that
+    /// no longer holds the tunnel (another one took it over since) reporting it gone.
     pub fn after(
         previous: Option<&Presence>,
         connected: bool,
         replica: &str,
+        peer: &str,
         now: i64,
     ) -> Option<Self> {
+        let peer = (!peer.is_empty()).then(|| peer.to_owned());
         match previous {
             Some(p) if !connected && p.connected && p.replica != replica => None,
             Some(p) if !connected && !p.connected => None,
             Some(p) => Some(Self {
                 connected,
                 replica: replica.to_owned(),
+                peer,
                 last_seen: now.max(p.last_seen),
                 since: if p.connected == connected {
                     p.since
@@ -285,6 +293,7 @@ impl Presence {
             None => Some(Self {
                 connected,
                 replica: replica.to_owned(),
+                peer,
                 last_seen: now,
                 since: now,
             }),
@@ -392,13 +401,16 @@ pub trait Store: Send + Sync + 'static {
 
     // === live state ===
 
-    /// Records that `replica` holds (`connected`) or lost a tunnel to `end` at `now` (Unix
-    /// seconds), as [`Presence::after`] says; false if the cluster or node does not exist.
+    /// Records that `replica` (whose peer listener is at `peer`; empty: none) holds
+    /// (`connected`) or lost a tunnel to `end` at `now` (Unix seconds), as [`Presence::after`]
+    /// says; false if the cluster or node does not exist. SQLite keeps no peer address (one
+    /// replica).
     fn record_presence(
         &self,
         end: &TunnelEnd,
         connected: bool,
         replica: &str,
+        peer: &str,
         now: i64,
     ) -> Result<bool>;
     /// The live state of `end` as last recorded.

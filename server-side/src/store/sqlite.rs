@@ -334,6 +334,7 @@ fn presence_row(r: &Row<'_>) -> rusqlite::Result<Presence> {
     Ok(Presence {
         connected: r.get(0)?,
         replica: r.get(1)?,
+        peer: None,
         last_seen: r.get(2)?,
         since: r.get(3)?,
     })
@@ -875,6 +876,7 @@ impl Store for SqliteStore {
         end: &TunnelEnd,
         connected: bool,
         replica: &str,
+        _peer: &str,
         now: i64,
     ) -> Result<bool> {
         let node_id = end.node_id.as_deref().unwrap_or("");
@@ -903,7 +905,7 @@ impl Store for SqliteStore {
                 presence_row,
             )
             .optional()?;
-        if let Some(p) = Presence::after(previous.as_ref(), connected, replica, now) {
+        if let Some(p) = Presence::after(previous.as_ref(), connected, replica, "", now) {
             tx.execute(
                 "INSERT INTO presence (cluster_id, node_id, connected, replica, last_seen, since) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (cluster_id, node_id) DO UPDATE SET \

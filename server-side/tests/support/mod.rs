@@ -76,6 +76,8 @@ pub struct ServerProc {
     pub url: String,
     pub data_dir: PathBuf,
     pub stderr_log: PathBuf,
+    /// `--peer-listen`: the bound peer listener (mutual TLS).
+    pub peer_addr: Option<SocketAddr>,
 }
 
 impl ServerProc {
@@ -120,8 +122,8 @@ impl ServerProc {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            // "listening on …", then "metrics on …".
-            for line in lines.by_ref().take(2) {
+            // "listening on …", then "metrics on …" (and "peers on …" with --peer-listen).
+            for line in lines.by_ref().take(3) {
                 let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
@@ -150,6 +152,15 @@ impl ServerProc {
             .unwrap_or_else(|| panic!("unexpected second line {metrics_line:?}"))
             .parse()
             .unwrap();
+        let peer_addr = extra.contains(&"--peer-listen").then(|| {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("tunnel-server printed no peers line");
+            line.strip_prefix("peers on ")
+                .unwrap_or_else(|| panic!("unexpected third line {line:?}"))
+                .parse()
+                .unwrap()
+        });
         Self {
             child,
             addr: addr.parse().unwrap(),
@@ -157,6 +168,7 @@ impl ServerProc {
             url: url.trim_matches(|c| c == '(' || c == ')').to_owned(),
             data_dir: data_dir.to_owned(),
             stderr_log,
+            peer_addr,
         }
     }
 

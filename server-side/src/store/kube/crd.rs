@@ -67,6 +67,10 @@ pub struct Presence {
     /// The server replica that holds (or last held) the tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// Where the other replicas reach that replica's peer listener (`host:port`) to forward
+    /// requests for this tunnel to it; empty when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     /// Unix seconds the tunnel was last seen up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<i64>,

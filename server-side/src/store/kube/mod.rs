@@ -1242,6 +1242,7 @@ fn presence_of(status: &crd::Presence) -> Option<Presence> {
     Some(Presence {
         connected: condition.status == "True",
         replica: status.replica.clone().unwrap_or_default(),
+        peer: status.peer.clone().filter(|p| !p.is_empty()),
         last_seen: status.last_seen.unwrap_or(since),
         since,
     })
@@ -1272,6 +1273,8 @@ fn status_of(p: &Presence) -> crd::Presence {
             message,
         }],
         replica: Some(p.replica.clone()),
+        // Written even when empty: a merge patch must clear an older replica's address.
+        peer: Some(p.peer.clone().unwrap_or_default()),
         last_seen: Some(p.last_seen),
     }
 }
@@ -1583,13 +1586,14 @@ impl Store for KubeStore {
         end: &TunnelEnd,
         connected: bool,
         replica: &str,
+        peer: &str,
         now: i64,
     ) -> Result<bool> {
         let Some(previous) = self.presence_status(end) else {
             return Ok(false);
         };
         let previous = previous.as_ref().and_then(presence_of);
-        let Some(next) = Presence::after(previous.as_ref(), connected, replica, now) else {
+        let Some(next) = Presence::after(previous.as_ref(), connected, replica, peer, now) else {
             return Ok(true);
         };
         let patch = json!({ "status": status_of(&next) });
