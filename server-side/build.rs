@@ -38,7 +38,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let dist = manifest.join("console/dist");
-    println!("cargo:rerun-if-changed=console/dist");
+    // A path that does not exist would rerun this script (and rebuild the crate) on every
+    // build; without a dist, watch the console's directory, which changes when one is made.
+    if dist.is_dir() {
+        println!("cargo:rerun-if-changed=console/dist");
+    } else {
+        println!("cargo:rerun-if-changed=console");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     let mut files = Vec::new();
     walk(&dist, &mut files);

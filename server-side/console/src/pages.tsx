@@ -121,12 +121,12 @@ export function ClustersPage({ user, live }: { user: User; live: Live }) {
           <thead>
             <tr>
               <th scope="col">Name</th>
-              <th scope="col">Id</th>
+              <th scope="col" class="wide">Id</th>
               <th scope="col">State</th>
-              <th scope="col">Agent tunnel</th>
-              <th scope="col">Streams</th>
-              <th scope="col">Bytes in / out</th>
-              <th scope="col">Last probe</th>
+              <th scope="col" class="wide">Agent tunnel</th>
+              <th scope="col" class="wide">Streams</th>
+              <th scope="col" class="wide">Bytes in / out</th>
+              <th scope="col" class="wide">Last probe</th>
             </tr>
           </thead>
           <tbody>
@@ -135,18 +135,18 @@ export function ClustersPage({ user, live }: { user: User; live: Live }) {
                 <th scope="row">
                   <a href={`#/clusters/${c.id}`}>{c.name}</a>
                 </th>
-                <td>
+                <td class="wide">
                   <code>{c.id}</code>
                 </td>
                 <td class="connected">
                   <Connected on={c.connected} message={c.connectedMessage} />
                 </td>
-                <td>{c.tunnel ? "up" : "down"}</td>
-                <td>{c.streams}</td>
-                <td>
+                <td class="wide">{c.tunnel ? "up" : "down"}</td>
+                <td class="wide">{c.streams}</td>
+                <td class="wide">
                   {bytes(c.bytesIn)} / {bytes(c.bytesOut)}
                 </td>
-                <td>{when(c.checkedAt)}</td>
+                <td class="wide">{when(c.checkedAt)}</td>
               </tr>
             ))}
           </tbody>
