@@ -12,7 +12,10 @@
 //! `SameSite=Strict` (no cross-site request carries it). On top of that every mutation (any
 //! method but GET, HEAD and OPTIONS) must carry the session's CSRF token in
 //! [`CSRF_HEADER`] (the synchronizer-token pattern): the console reads it from the sign-in
-//! answer, a cross-site page cannot. Both are compared in constant time.
+//! answer, a cross-site page cannot. Both are compared in constant time. A connection upgrade
+//! (websocket, SPDY: `exec`, `attach`, `port-forward`) counts as a mutation whatever its
+//! method: a browser's WebSocket cannot set headers, so a page of another origin of the same
+//! site (which SameSite does not stop) cannot open one on the user's session.
 //!
 //! Bounds: at most [`SessionLimits::max_sessions`] live sessions (expired ones are dropped
 //! first; when all are live the oldest goes), each living [`SessionLimits::ttl`] from sign-in.
@@ -21,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, COOKIE};
+use http::header::{AUTHORIZATION, COOKIE, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method};
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
@@ -206,7 +209,7 @@ impl Sessions {
             return Ok(());
         };
         let session = self.get(id, now).ok_or(SessionError::Unknown)?;
-        if is_mutation(method) {
+        if is_mutation(method) || headers.contains_key(UPGRADE) {
             check_csrf(&session, headers)?;
         }
         let bearer = HeaderValue::from_str(&format!("Bearer {}", session.api_token))
@@ -293,6 +296,22 @@ mod tests {
             sessions.authorize(&method, &mut h, now).unwrap();
             assert_eq!(h[AUTHORIZATION], "Bearer t", "{method}");
         }
+    }
+
+    #[test]
+    fn an_upgrade_needs_the_csrf_token_even_as_a_get() {
+        let sessions = Sessions::default();
+        let now = Instant::now();
+        let (id, csrf) = sessions.create("t", now);
+        let mut h = with_cookie(&id);
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(
+            sessions.authorize(&Method::GET, &mut h, now),
+            Err(SessionError::MissingCsrf)
+        );
+        h.insert(CSRF_HEADER, HeaderValue::from_str(&csrf).unwrap());
+        sessions.authorize(&Method::GET, &mut h, now).unwrap();
+        assert_eq!(h[AUTHORIZATION], "Bearer t");
     }
 
     #[test]
