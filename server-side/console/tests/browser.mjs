@@ -200,7 +200,9 @@ try {
   await shot(page, "09-cluster-token-rotation.png");
   await page.locator("ul.tokens li", { hasText: regToken }).getByRole("button", { name: /Revoke/ }).click();
   await page.getByText("Token revoked.").waitFor();
-  check((await page.locator("ul.tokens li").count()) === 1, "the revoked token is gone from the page");
+  // The list is re-read after the revocation: wait for it, then count.
+  await page.locator("ul.tokens li", { hasText: regToken }).waitFor({ state: "detached" });
+  check((await page.locator("ul.tokens li").count()) === 1, "the revoked token is gone from the page, the new one stays");
   await page.getByRole("link", { name: "Clusters", exact: true }).click();
   const apiDown = await pollApi(admin, `/v1/clusters/${clusterId}`, (c) => c.connected === false, "the API says Disconnected", 30000);
   const limit = Math.max(1, apiDown + LIVE_WITHIN_MS - Date.now());
