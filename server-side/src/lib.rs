@@ -11,6 +11,7 @@
 //!   kubectl ──https /k8s/clusters/<id>/…──▶ routes ──▶ proxy::kube ──registry.open(tcp)──▶ TLS ──▶ apiserver
 //!   docker  ──https /docker/nodes/<id>/…──▶ routes ──▶ proxy::docker ──registry.open(unix)──▶ dockerd
 //!   admin   ──https /v1/…──▶ api ──▶ StoreHandle (blocking pool, bounded) ──▶ Store (SQLite)
+//!   browser ──https / (console) ── cookie ──session──▶ Bearer ──▶ the same /v1, /k8s, /docker
 //! ```
 //!
 //! Start with [`server::Server`]; the binary's `main.rs` is the CLI.
