@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting and lints, the Go interop peer build, the whole workspace's tests
-# (unit, vectors, loopback, connector/acceptor, registry, interop against the real Go
-# remotedialer, agents), the deploy suite, the end-to-end suites behind NAT (tests/e2e/run.sh with
+# Runs every test: formatting, the web console's build, lints, the Go interop peer build, the
+# whole workspace's tests (unit, vectors, loopback, connector/acceptor, registry, interop against
+# the real Go remotedialer, agents), the web console in headless Chromium, the deploy suite, the end-to-end suites behind NAT (tests/e2e/run.sh with
 # a lone apiserver, tests/e2e/pods.sh with the agents as pods of a real two-node cluster), the kind
 # suite (skips without kind) and a bounded fuzz run. Needs scripts/install-test-deps.sh first.
 #
@@ -51,12 +51,19 @@ trap report EXIT
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+# Before anything compiles server-side: its build.rs embeds server-side/console/dist.
+step "web console build (tsc + vite)"
+(cd server-side/console && npm run --silent build)
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 step "Go interop peer"
 bash tests/interop/build.sh
 step "cargo test --workspace"
 cargo test --workspace --no-fail-fast
+step "web console in headless Chromium: sign in, add a cluster, a real agent turns it Connected live, a non-admin's view, screenshots"
+CONSOLE_SCREENSHOTS="${CONSOLE_SCREENSHOTS:-$PWD/target/console-browser}" \
+  timeout 300 cargo test -p server-side --test console_browser -- --ignored --nocapture
+echo "screenshots: ${CONSOLE_SCREENSHOTS:-$PWD/target/console-browser}"
 step "deploy: images without a registry, manifests against a real kube-apiserver, agents under a real dockerd"
 bash deploy/test/deploy-test.sh
 step "e2e behind NAT: real kube-apiserver, kubectl, dockerd and docker CLI through the server, with faults"

@@ -1,6 +1,9 @@
 //! The management API under `/v1/` (JSON): clusters, nodes with live connection state,
-//! users, API tokens and grants. Every route but `/v1/openapi.json` needs an admin user's
-//! bearer token. Every mutation leaves an audit line ([`crate::audit`]) naming the user.
+//! users, API tokens and grants. Every route but `/v1/openapi.json` needs a bearer token (or
+//! the web console's session, [`crate::session`]); every route needs an admin's, except the
+//! reads of clusters and nodes ([`Op::open_to_granted_users`]), which show any other user only
+//! the clusters granted to them (and answer 404 for the rest, as for a cluster that does not
+//! exist). Every mutation leaves an audit line ([`crate::audit`]) naming the user.
 //!
 //! [`ROUTES`] is the single list of routes: the dispatcher matches requests against it and
 //! [`openapi`] documents exactly it.
@@ -72,6 +75,15 @@ pub enum Op {
 }
 
 impl Op {
+    /// Reads a user who is not an admin may make: they see the clusters granted to them and
+    /// those clusters' nodes, nothing else (the web console's cluster pages).
+    pub fn open_to_granted_users(self) -> bool {
+        matches!(
+            self,
+            Op::ListClusters | Op::GetCluster | Op::ListNodes | Op::GetNode
+        )
+    }
+
     /// What a route changes, for its audit line: (verb, object); `None` for reads.
     pub fn mutation(self) -> Option<(&'static str, &'static str)> {
         Some(match self {
@@ -337,7 +349,7 @@ pub fn find_route<'a>(method: &Method, path: &'a str) -> Result<(Op, Vec<&'a str
     })
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response<ResponseBody> {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<ResponseBody> {
     json_response(
         status,
         &json!({ "status": status.as_u16(), "message": message.into() }),
@@ -356,7 +368,7 @@ fn store_error(err: StoreError) -> Response<ResponseBody> {
 /// connection and a task).
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn read_json<T: serde::de::DeserializeOwned>(
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     body: Incoming,
 ) -> Result<T, Response<ResponseBody>> {
     let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, MAX_BODY).collect())
@@ -413,7 +425,7 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
         }
         _ => params.join(" "),
     };
-    if !user.admin {
+    if !user.admin && !op.open_to_granted_users() {
         let resp = error(
             StatusCode::FORBIDDEN,
             format!("user {} is not an admin", user.name),
@@ -443,6 +455,7 @@ pub async fn handle(app: SharedApp, req: Request<Incoming>) -> Response<Response
         query_param("user"),
         Audited {
             who: &user.name,
+            viewer: &user,
             target: &mut target,
         },
     )
@@ -475,6 +488,8 @@ fn p_or(params: &[String], i: usize) -> &str {
 /// Who is calling, and the audit line's object, which a create fills in.
 struct Audited<'a> {
     who: &'a str,
+    /// The caller: what an admin-or-granted read may show ([`Op::open_to_granted_users`]).
+    viewer: &'a crate::store::User,
     target: &'a mut String,
 }
 
@@ -482,7 +497,21 @@ type Handled = Result<Response<ResponseBody>, Response<ResponseBody>>;
 
 fn cluster_view(app: &SharedApp, c: &Cluster) -> Value {
     let probe = app.connectivity(&c.id);
+    // Streams open now and Data bytes so far over this replica's sessions of the cluster
+    // agent (its main and aggregation tunnels).
+    let (mut streams, mut bytes_in, mut bytes_out) = (0, 0, 0);
+    for key in [ClientKey::new(c.id.clone()), stv_key(&c.id)] {
+        for session in app.registry.sessions(&key) {
+            let stats = session.tunnel().stats();
+            streams += session.tunnel().stream_count();
+            bytes_in += stats.data_bytes_in;
+            bytes_out += stats.data_bytes_out;
+        }
+    }
     json!({
+        "streams": streams,
+        "bytesIn": bytes_in,
+        "bytesOut": bytes_out,
         "id": c.id,
         "name": c.name,
         "createdAt": c.created_at,
@@ -566,6 +595,43 @@ struct NewGrant {
     cluster_id: String,
 }
 
+/// The ids of the clusters granted to a user.
+async fn granted_clusters(
+    app: &SharedApp,
+    user: &crate::store::User,
+) -> Result<std::collections::HashSet<String>, Response<ResponseBody>> {
+    Ok(app
+        .store
+        .grants()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|g| g.user_id == user.id)
+        .map(|g| g.cluster_id)
+        .collect())
+}
+
+/// For a user who is not an admin, 404 (`what` not found) unless the cluster is granted to
+/// them: one they may not see looks like one that does not exist.
+async fn visible(
+    app: &SharedApp,
+    user: &crate::store::User,
+    cluster_id: &str,
+    what: &str,
+) -> Result<(), Response<ResponseBody>> {
+    if user.admin
+        || app
+            .store
+            .is_granted(&user.id, cluster_id)
+            .await
+            .map_err(store_error)?
+    {
+        Ok(())
+    } else {
+        Err(error(StatusCode::NOT_FOUND, format!("{what} not found")))
+    }
+}
+
 fn found<T>(v: Option<T>, what: &str) -> Result<T, Response<ResponseBody>> {
     v.ok_or_else(|| error(StatusCode::NOT_FOUND, format!("{what} not found")))
 }
@@ -599,7 +665,11 @@ async fn dispatch(
     let p = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
     Ok(match op {
         Op::ListClusters => {
-            let clusters = store.clusters().await.map_err(store_error)?;
+            let mut clusters = store.clusters().await.map_err(store_error)?;
+            if !audited.viewer.admin {
+                let granted = granted_clusters(app, audited.viewer).await?;
+                clusters.retain(|c| granted.contains(&c.id));
+            }
             let items: Vec<Value> = clusters.iter().map(|c| cluster_view(app, c)).collect();
             json_response(StatusCode::OK, &json!({ "items": items }))
         }
@@ -628,6 +698,7 @@ async fn dispatch(
                     .map_err(store_error)?,
                 "cluster",
             )?;
+            visible(app, audited.viewer, &c.id, "cluster").await?;
             let mut view = cluster_view(app, &c);
             let end = TunnelEnd {
                 cluster_id: c.id.clone(),
@@ -728,15 +799,20 @@ async fn dispatch(
             crate::http_util::empty(StatusCode::NO_CONTENT)
         }
         Op::ListNodes => {
-            let nodes = store
+            let mut nodes = store
                 .nodes(cluster_filter.as_deref())
                 .await
                 .map_err(store_error)?;
+            if !audited.viewer.admin {
+                let granted = granted_clusters(app, audited.viewer).await?;
+                nodes.retain(|n| granted.contains(&n.cluster_id));
+            }
             let items: Vec<Value> = nodes.iter().map(|n| node_view(app, n)).collect();
             json_response(StatusCode::OK, &json!({ "items": items }))
         }
         Op::GetNode => {
             let n = found(store.resolve_node(p(0)).await.map_err(store_error)?, "node")?;
+            visible(app, audited.viewer, &n.cluster_id, "node").await?;
             let mut view = node_view(app, &n);
             let end = TunnelEnd {
                 cluster_id: n.cluster_id.clone(),
@@ -935,6 +1011,9 @@ fn schemas() -> Value {
             "aggregationTunnel": { "type": "boolean", "description": "the stv-cluster tunnel is registered" },
             "connected": { "type": "boolean", "description": "GET /ping through the stv-cluster tunnel answered 200 at the last probe" },
             "connectedMessage": { "type": "string", "nullable": true }, "checkedAt": { "type": "integer", "nullable": true },
+            "streams": { "type": "integer", "description": "streams open now over this replica's sessions of the cluster agent" },
+            "bytesIn": { "type": "integer", "format": "int64", "description": "Data bytes received over those sessions" },
+            "bytesOut": { "type": "integer", "format": "int64", "description": "Data bytes sent over those sessions" },
             "presence": { "$ref": "#/components/schemas/Presence" } } },
         "Presence": { "type": "object", "nullable": true, "description": "the tunnel's live state as the replicas recorded it in the store (GET of one object only)", "properties": {
             "connected": { "type": "boolean" }, "replica": { "type": "string", "description": "the replica that holds (or last held) the tunnel" },

@@ -44,6 +44,10 @@ pub struct Connectivity {
     pub checked_at: i64,
 }
 
+/// Changes of Connected a slow console listener may fall behind by before it is told to
+/// re-read everything.
+const CONNECTIVITY_CHANGES: usize = 256;
+
 /// Shared server state.
 pub struct App {
     /// Durable state, called off the runtime ([`StoreHandle`]).
@@ -68,6 +72,11 @@ pub struct App {
     /// Forwarding to the replica that holds a tunnel ([`crate::peers`]); `None` with one
     /// replica (SQLite, or no `--peer-listen`).
     pub peers: Option<crate::peers::Peers>,
+    /// Signed-in browsers of the web console ([`crate::session`]).
+    pub sessions: crate::session::Sessions,
+    /// The id of a cluster whose Connected status just changed, for the console's live view
+    /// ([`crate::console`]); nobody listening is fine.
+    pub connectivity_changes: tokio::sync::broadcast::Sender<String>,
     connectivity: Mutex<HashMap<String, Connectivity>>,
 }
 
@@ -96,6 +105,8 @@ impl App {
             live: crate::live::Live::default(),
             node_creations: crate::tunnel_auth::NodeCreations::default(),
             peers: None,
+            sessions: crate::session::Sessions::default(),
+            connectivity_changes: tokio::sync::broadcast::channel(CONNECTIVITY_CHANGES).0,
             config,
             metrics: Metrics::default(),
             upstreams: crate::proxy::pool::Pool::default(),
@@ -129,10 +140,14 @@ impl App {
         let changed = map
             .get(cluster_id)
             .is_none_or(|old| old.connected != c.connected);
+        let id = cluster_id.to_owned();
+        map.insert(id.clone(), c.clone());
+        drop(map);
         if changed {
             tracing::info!(cluster = cluster_id, connected = c.connected, message = ?c.message, "cluster connectivity changed");
+            // No receiver (no console open) is not an error.
+            let _ = self.connectivity_changes.send(id);
         }
-        map.insert(cluster_id.to_owned(), c);
     }
 
     /// Whether the cluster's main tunnel (the cluster agent) is registered.

@@ -11,6 +11,7 @@
 //!   kubectl ──https /k8s/clusters/<id>/…──▶ routes ──▶ proxy::kube ──registry.open(tcp)──▶ TLS ──▶ apiserver
 //!   docker  ──https /docker/nodes/<id>/…──▶ routes ──▶ proxy::docker ──registry.open(unix)──▶ dockerd
 //!   admin   ──https /v1/…──▶ api ──▶ StoreHandle (blocking pool, bounded) ──▶ Store (SQLite)
+//!   browser ──https / (console) ── cookie ──session──▶ Bearer ──▶ the same /v1, /k8s, /docker
 //! ```
 //!
 //! Start with [`server::Server`]; the binary's `main.rs` is the CLI.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth_limit;
+pub mod console;
 pub mod http_util;
 pub mod import;
 pub mod kubeconfig;
@@ -36,6 +38,7 @@ pub mod probe;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod tokens;
 pub mod tunnel_auth;

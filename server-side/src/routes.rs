@@ -12,6 +12,11 @@
 //! | `/docker/nodes/<node-id>/…` | the node's Docker API ([`crate::proxy::docker`]) |
 //! | `/v1/…` | the management API ([`crate::api`]) |
 //! | `GET /metrics` | Prometheus text, for an admin's API token (or without one on `--metrics-listen`) |
+//! | `/`, `/assets/…`, `/console/…` | the web console ([`crate::console`]) |
+//!
+//! A request to `/k8s`, `/docker` or `/v1` with the console's session cookie and no
+//! `Authorization` gets its session's bearer token first ([`crate::session`]; mutations need the
+//! CSRF token), so the console goes through exactly the checks the CLI does.
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -26,7 +31,7 @@ use crate::tokens::valid_id;
 pub const MAX_URI_LEN: usize = 8 << 10;
 
 /// Answers one request.
-pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn route(app: SharedApp, mut req: Request<Incoming>) -> Response<ResponseBody> {
     let uri_len = req.uri().path().len() + req.uri().query().map_or(0, str::len);
     if uri_len > MAX_URI_LEN {
         return text(StatusCode::URI_TOO_LONG, "request URI too long");
@@ -34,6 +39,24 @@ pub async fn route(app: SharedApp, req: Request<Incoming>) -> Response<ResponseB
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     tracing::debug!(%method, %path, "request");
+
+    let proxied_or_api = path.starts_with("/k8s/clusters/")
+        || path.starts_with("/docker/nodes/")
+        || path == "/v1"
+        || path.starts_with("/v1/");
+    if proxied_or_api {
+        let now = tokio::time::Instant::now();
+        if let Err(err) = app.sessions.authorize(&method, req.headers_mut(), now) {
+            let status = match err {
+                crate::session::SessionError::Unknown => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::FORBIDDEN,
+            };
+            return text(status, err.to_string());
+        }
+    }
+    if crate::console::is_console_path(&path) {
+        return crate::console::handle(app, req).await;
+    }
 
     if let Some(rest) = path.strip_prefix("/k8s/clusters/") {
         let (id, rest) = split_id(rest);

@@ -224,7 +224,7 @@ async fn admin_mutations_are_audited_and_tokens_expire() {
             &["kubeconfig", "audited", "--user", "dev", "--ttl", "0"],
         );
         assert!(err.contains("never expires"), "{err}");
-        let r = http.get("/v1/clusters", Some(&day_token)).await;
+        let r = http.get("/v1/users", Some(&day_token)).await;
         assert_eq!(
             r.status,
             StatusCode::FORBIDDEN,

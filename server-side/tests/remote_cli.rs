@@ -372,11 +372,16 @@ fn admin_commands_run_through_the_api() {
     cli.ok(&["context", "use", "test"]);
     cli.ok(&["context", "rm", "insecure"]);
 
-    // A non-admin's token: a clear 403. A revoked one: a clear 401.
+    // A non-admin's token: a clear 403 on the admin commands (it may list the clusters granted
+    // to it: c1). A revoked one: a clear 401.
     let mut file = cli.file();
     file["contexts"][0]["token"] = Value::String(alice.clone());
     std::fs::write(&cli.config, file.to_string()).unwrap();
-    let err = cli.fails(&["cluster", "list"]);
+    let listed = cli.ok(&["cluster", "list"]);
+    let rows = listed.lines().filter(|l| l.starts_with("c-")).count();
+    assert_eq!(rows, 1, "{listed}");
+    assert!(listed.contains(&cluster_id), "{listed}");
+    let err = cli.fails(&["user", "list"]);
     println!("non-admin: {err}");
     assert!(
         err.contains("user alice is not an admin: the admin commands need an admin user's token (context \"test\")"),
