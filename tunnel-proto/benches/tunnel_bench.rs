@@ -7,7 +7,8 @@
 //!   on the same path, when a `rathole` binary is on PATH (`cargo install rathole`);
 //! - 16 and 64 parallel streams;
 //! - 64-byte and 1 KB echo round trips, idle and while another stream saturates the tunnel;
-//! - memory per idle tunnel and per idle stream (RSS deltas).
+//! - memory per idle tunnel and per idle stream (RSS deltas, each in a fresh process of this
+//!   binary; `TUNNEL_BENCH_SECTION=memory` runs only those).
 //!
 //! Figures, not assertions: the machines are shared and noisy. Every loop is bounded.
 
@@ -36,7 +37,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run());
+    match std::env::var(SECTION_ENV).as_deref() {
+        Ok("memory-tunnels") => runtime.block_on(memory_tunnels(false)),
+        Ok("memory-tunnels-tls") => runtime.block_on(memory_tunnels(true)),
+        Ok("memory-streams") => runtime.block_on(memory_streams()),
+        Ok("memory") => memory_in_fresh_processes(),
+        _ => runtime.block_on(run()),
+    }
 }
 
 // === services: sink, source, echo, over any byte stream ===
@@ -177,7 +184,14 @@ struct Pair {
 async fn pair(tls: Option<&Tls>) -> Pair {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let ws_config = websocket_config(DEFAULT_MAX_MESSAGE);
+    let mut ws_config = websocket_config(DEFAULT_MAX_MESSAGE);
+    // An experiment knob of the memory sections: both ends' websocket read buffer, in bytes.
+    if let Some(bytes) = std::env::var(READ_BUFFER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        ws_config.read_buffer_size = bytes;
+    }
     let mut config = AcceptorConfig::new(["/connect"]);
     config.set_websocket_config(Some(ws_config));
     config.set_tls(tls.map(|t| t.server.clone()));
@@ -590,11 +604,86 @@ async fn run() {
     );
     drop(probe);
 
-    // Memory.
-    println!("\nmemory (RSS deltas of this process; both ends of each tunnel live here)");
     drop(ws);
     drop(wss);
+    memory_in_fresh_processes();
+}
+
+// === memory, each figure in a fresh process ===
+
+/// Runs each memory section in a fresh copy of this binary and prints what it printed. In the
+/// process that moved gigabytes, the allocator keeps freed arenas and the RSS delta of new
+/// tunnels says little; a fresh process starts from the bare runtime.
+fn memory_in_fresh_processes() {
+    println!("\nmemory (RSS deltas, each in a fresh process; both ends of each tunnel live there)");
+    let runs: [(&str, Option<&str>); 4] = [
+        ("memory-tunnels", None),
+        ("memory-tunnels-tls", None),
+        // Where an idle tunnel's memory goes: the same with 4 KiB websocket read buffers
+        // (tungstenite fills its read buffer to capacity on the first read, so all of it is
+        // resident).
+        ("memory-tunnels-tls", Some("4096")),
+        ("memory-streams", None),
+    ];
+    for (section, read_buffer) in runs {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.env(SECTION_ENV, section);
+        if let Some(bytes) = read_buffer {
+            child.env(READ_BUFFER_ENV, bytes);
+        }
+        let out = child
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            println!("  {section}: the child failed ({})", out.status);
+        }
+    }
+}
+
+/// Which part a child process runs: `memory-tunnels`, `memory-streams`; `memory` runs both
+/// children and nothing else (no transfers).
+const SECTION_ENV: &str = "TUNNEL_BENCH_SECTION";
+
+/// The websocket read buffer of both ends in bytes, for the memory experiments (default: the
+/// crate's `websocket_config`, 16 KiB).
+const READ_BUFFER_ENV: &str = "TUNNEL_BENCH_WS_READ_BUFFER";
+
+/// Idle tunnels (connector + acceptor, both sessions; ws, or wss with `tls`) per tunnel,
+/// divided by the tunnels that are up (each `pair` returns once both ends are).
+async fn memory_tunnels(with_tls: bool) {
+    const TUNNELS: usize = 200;
+    let tls = with_tls.then(tls);
+    // One pair first: the runtime's and the TLS/ws code's one-time allocations are not a
+    // tunnel's.
+    let warm = pair(tls.as_ref()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = rss_kib();
+    let mut pairs = Vec::new();
+    for _ in 0..TUNNELS {
+        pairs.push(pair(tls.as_ref()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let up = pairs
+        .iter()
+        .filter(|p| p.server.close_reason().is_none() && p.agent.close_reason().is_none())
+        .count();
+    let per_tunnel = (rss_kib().saturating_sub(base)) as f64 / up.max(1) as f64;
+    let read_buffer = std::env::var(READ_BUFFER_ENV)
+        .map(|b| format!(", {b} B ws read buffers"))
+        .unwrap_or_default();
+    println!(
+        "  idle tunnel (agent + server ends, connector + acceptor, {}{read_buffer})  {per_tunnel:6.1} KiB  ({up} of {TUNNELS} tunnels up)",
+        if tls.is_some() { "wss" } else { "ws" }
+    );
+    drop(warm);
+}
+
+/// Idle streams through one tunnel to a local listener that holds its sockets, per stream,
+/// divided by the streams whose local socket was accepted.
+async fn memory_streams() {
+    const STREAMS: usize = 5000;
     let holder = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let holder_addr = holder.local_addr().unwrap();
     let held = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -604,39 +693,32 @@ async fn run() {
             held2.lock().unwrap().push(s);
         }
     });
-    const TUNNELS: usize = 200;
-    let base = rss_kib();
-    let mut pairs = Vec::new();
-    for _ in 0..TUNNELS {
-        pairs.push(pair(None).await);
+    let one = pair(None).await;
+    // A few streams first, so the session tables' first growth is not counted.
+    let mut streams = Vec::with_capacity(STREAMS + 16);
+    for _ in 0..16 {
+        streams.push(one.server.open("tcp", &holder_addr.to_string()).unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_tunnel = (rss_kib().saturating_sub(base)) as f64 / TUNNELS as f64;
-    println!(
-        "  idle tunnel (agent + server ends, connector + acceptor, ws)  {per_tunnel:6.1} KiB  ({} tunnels)",
-        TUNNELS
-    );
-    const STREAMS: usize = 5000;
-    let one = pairs.pop().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let base = rss_kib();
-    let mut streams = Vec::with_capacity(STREAMS);
+    let held_before = held.lock().unwrap().len();
     for _ in 0..STREAMS {
         streams.push(one.server.open("tcp", &holder_addr.to_string()).unwrap());
     }
-    for _ in 0..100 {
-        if held.lock().unwrap().len() >= STREAMS {
+    // Bounded wait for the agent's dials (a burst of 5,000 goes through the listen backlog).
+    for _ in 0..400 {
+        if held.lock().unwrap().len() >= held_before + STREAMS {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let per_stream = (rss_kib().saturating_sub(base)) as f64 * 1024.0 / STREAMS as f64;
+    let connected = held.lock().unwrap().len() - held_before;
+    let per_stream = (rss_kib().saturating_sub(base)) as f64 * 1024.0 / connected.max(1) as f64;
     println!(
-        "  idle stream (both ends, agent pipe task, local socket)    {per_stream:6.0} B    ({} streams, {} connected)",
-        STREAMS,
-        held.lock().unwrap().len()
+        "  idle stream (both ends, agent pipe task, local socket)    {per_stream:6.0} B    ({connected} of {STREAMS} streams connected, {} open on the agent)",
+        one.agent.stream_count()
     );
-    let _ = (one.agent.stream_count(), pairs.len());
 }
 
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {

@@ -21,6 +21,9 @@ func runServer(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("server", flag.ExitOnError)
 	listen := fs.String("listen", "127.0.0.1:0", "address of the websocket (http) listener")
 	fwdListen := fs.String("forward-listen", "127.0.0.1:0", "address of the forward TCP listener")
+	// TLS, for comparing memory per tunnel with tunnel-server's wss (server-side/benches/scale.rs).
+	tlsCert := fs.String("tls-cert", "", "serve wss with this certificate chain (PEM; with -tls-key)")
+	tlsKey := fs.String("tls-key", "", "key of -tls-cert (PEM)")
 	var lf logFlags
 	lf.register(fs)
 	if err := parseFlags(fs, args); err != nil {
@@ -68,12 +71,21 @@ func runServer(ctx context.Context, args []string) error {
 		return srv.Dialer(f[0])(ctx, f[1], f[2])
 	})
 
+	scheme := "ws://"
+	if *tlsCert != "" {
+		scheme = "wss://"
+	}
 	announce(struct {
 		WS      string `json:"ws"`
 		Forward string `json:"forward"`
-	}{"ws://" + wsLn.Addr().String() + "/connect", fwdLn.Addr().String()})
+	}{scheme + wsLn.Addr().String() + "/connect", fwdLn.Addr().String()})
 
-	if err := httpSrv.Serve(wsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if *tlsCert != "" {
+		err = httpSrv.ServeTLS(wsLn, *tlsCert, *tlsKey)
+	} else {
+		err = httpSrv.Serve(wsLn)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil
