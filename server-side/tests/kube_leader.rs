@@ -5,6 +5,8 @@
 //!    controllers (its log says so; the other's does not), and the holder stays put;
 //! 2. a stale presence (connected, last seen long ago: a replica that crashed without
 //!    marking its tunnels down) is marked disconnected by the leader, in the dead owner's name;
+//! 2b. a cluster deleted through the follower closes its agent's tunnel on the leader (no
+//!    leader needed: each replica's store watch cuts what it holds), printed;
 //! 3. the leader killed with SIGKILL (no release of the Lease): the other takes it over within
 //!    15 s (printed), and as the new leader marks the next stale presence disconnected.
 //!
@@ -131,6 +133,11 @@ async fn scenario(dir: &TempDir, kube: &RealKube) {
     );
     assert!(first == "replica-a" || first == "replica-b", "{first}");
     let (leader, follower) = if first == "replica-a" { (a, b) } else { (b, a) };
+    let follower_name = if first == "replica-a" {
+        "replica-b"
+    } else {
+        "replica-a"
+    };
     let transitions_before = transitions(kube, &store);
     // Several renewal periods: the holder stays, the other never starts the controllers.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -191,6 +198,57 @@ async fn scenario(dir: &TempDir, kube: &RealKube) {
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     let c2 = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
+
+    // === 2b. a cluster deleted through one replica closes its tunnel on the other ===
+    // No leader involved: every replica's store watch cuts what it holds (crate::live).
+    let reply = follower
+        .client()
+        .api(
+            "POST",
+            "/v1/clusters",
+            &admin,
+            Some(json!({ "name": "c3" })),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let c3 = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
+    let c3_token = reply.json()["registrationToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let apiserver = FakeApiserver::start().await;
+    let agent = connect_agent(
+        &leader,
+        "/v3/connect",
+        agent_headers(&c3_token, &apiserver.cluster_params("sa-secret")),
+        tunnel_proto::driver::connector::Trust::CaBundle {
+            pem: leader.ca_pem().into_bytes(),
+            with_system_roots: false,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "c3 connected on the leader",
+        || async { (connected(kube, &store, &c3) == format!("True/{first}")).then_some(()) },
+    )
+    .await;
+    assert!(agent.close_reason().is_none(), "closed before the delete");
+    let started = Instant::now();
+    let reply = follower
+        .client()
+        .api("DELETE", &format!("/v1/clusters/{c3}"), &admin, None)
+        .await;
+    assert!(reply.status.is_success(), "{} {}", reply.status, reply.body);
+    let reason = timeout(Duration::from_secs(5), agent.closed())
+        .await
+        .expect("the tunnel on the other replica still open 5 s after the delete");
+    println!(
+        "2b. {c3} deleted through {follower_name}: its tunnel on {first} closed after {:?} ({reason})",
+        started.elapsed()
+    );
 
     // === 3. kill -9 the leader: the other takes over ===
     let follower_name = if first == "replica-a" {
