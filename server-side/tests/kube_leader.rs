@@ -5,8 +5,8 @@
 //!    controllers (its log says so; the other's does not), and the holder stays put;
 //! 2. a stale presence (connected, last seen long ago: a replica that crashed without
 //!    marking its tunnels down) is marked disconnected by the leader, in the dead owner's name;
-//! 2b. a cluster deleted through the follower closes its agent's tunnel on the leader (no
-//!    leader needed: each replica's store watch cuts what it holds), printed;
+//!    and (2b) a cluster deleted through the follower closes its agent's tunnel on the leader
+//!    (no leader needed: each replica's store watch cuts what it holds), printed;
 //! 3. the leader killed with SIGKILL (no release of the Lease): the other takes it over within
 //!    15 s (printed), and as the new leader marks the next stale presence disconnected.
 //!
