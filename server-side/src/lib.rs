@@ -28,6 +28,7 @@ pub mod console;
 pub mod http_util;
 pub mod import;
 pub mod kubeconfig;
+pub mod leader;
 pub mod live;
 pub mod metrics;
 pub mod migrate;

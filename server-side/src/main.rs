@@ -226,6 +226,11 @@ struct ServeArgs {
     /// peer listener's port, else its address when it is not 0.0.0.0).
     #[arg(long, env = "TUNNEL_SERVER_PEER_ADDRESS", requires = "peer_listen")]
     peer_address: Option<String>,
+    /// With --store kubernetes: seconds after which the elected leader marks disconnected a
+    /// tunnel whose presence says connected but was not refreshed (its replica crashed; live
+    /// tunnels are refreshed every 60 s).
+    #[arg(long, default_value_t = server_side::leader::DEFAULT_PRESENCE_TIMEOUT.as_secs_f64())]
+    presence_timeout: f64,
 }
 
 #[derive(Subcommand)]
@@ -343,7 +348,17 @@ fn main() -> anyhow::Result<()> {
             if args.peer_listen.is_some() && choice.kind != StoreKind::Kubernetes {
                 bail!("--peer-listen needs --store kubernetes (with SQLite there is one replica)");
             }
-            serve(choice.data_dir.clone(), choice.open()?, args)
+            // On the Kubernetes store the replicas elect a leader for the cluster-wide
+            // controllers; with SQLite there is one replica and no election.
+            let (store, leases): (std::sync::Arc<dyn Store>, _) = match choice.kind {
+                StoreKind::Sqlite => (choice.open()?, None),
+                StoreKind::Kubernetes => {
+                    let store = server_side::store::KubeStore::open(&choice.kube)?;
+                    let leases = store.leases();
+                    (std::sync::Arc::new(store), Some(leases))
+                }
+            };
+            serve(choice.data_dir.clone(), store, leases, args)
         }
         Command::Login(args) => cli::login(&cli.target, args),
         Command::Context(cmd) => cli::context_command(cmd),
@@ -358,6 +373,7 @@ fn main() -> anyhow::Result<()> {
 fn serve(
     data_dir: PathBuf,
     store: std::sync::Arc<dyn Store>,
+    leases: Option<kube::Api<k8s_openapi::api::coordination::v1::Lease>>,
     args: ServeArgs,
 ) -> anyhow::Result<()> {
     let mut config = ServeConfig::new(args.listen, data_dir);
@@ -395,6 +411,13 @@ fn serve(
             listen,
             address: args.peer_address,
         });
+
+    let presence_timeout = secs(args.presence_timeout, "--presence-timeout")?;
+    config.leader = leases.map(|leases| server_side::leader::LeaderConfig {
+        leases,
+        identity: config.replica.clone(),
+        presence_timeout,
+    });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -107,6 +107,9 @@ pub struct ServeConfig {
     /// The peer listener, for forwarding requests to the replica that holds a tunnel
     /// ([`crate::peers`]; several replicas on the Kubernetes store). `None`: no forwarding.
     pub peers: Option<crate::peers::PeerConfig>,
+    /// Leader election among the replicas and the controllers the leader runs
+    /// ([`crate::leader`]; the Kubernetes store). `None`: none (SQLite: one replica).
+    pub leader: Option<crate::leader::LeaderConfig>,
 }
 
 impl ServeConfig {
@@ -130,6 +133,7 @@ impl ServeConfig {
                 tunnel_proto::driver::acceptor::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             header_read_timeout: tunnel_proto::driver::acceptor::DEFAULT_HEADER_READ_TIMEOUT,
             peers: None,
+            leader: None,
         }
     }
 }
@@ -192,6 +196,7 @@ pub struct Server {
     local_addr: SocketAddr,
     metrics_listener: Option<TcpListener>,
     peer_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    leader: Option<crate::leader::LeaderConfig>,
 }
 
 impl std::fmt::Debug for Server {
@@ -377,6 +382,7 @@ impl Server {
             local_addr,
             metrics_listener,
             peer_listener,
+            leader: config.leader.clone(),
         })
     }
 
@@ -411,6 +417,13 @@ impl Server {
         tokio::spawn(count_sessions(self.app.clone(), background.clone()));
         tokio::spawn(crate::live::run(self.app.clone(), background.clone()));
         let presence = tokio::spawn(crate::presence::run(self.app.clone(), background.clone()));
+        let leader = self.leader.map(|config| {
+            tokio::spawn(crate::leader::run(
+                self.app.clone(),
+                config,
+                background.clone(),
+            ))
+        });
         if let Some(listener) = self.metrics_listener {
             tokio::spawn(crate::routes::serve_metrics(
                 self.app.clone(),
@@ -433,6 +446,10 @@ impl Server {
         background.cancel();
         // Tunnels still held are marked disconnected (bounded).
         let _ = presence.await;
+        // The Lease given up, for another replica to take over at once.
+        if let Some(leader) = leader {
+            let _ = leader.await;
+        }
         // The API-token uses noted since the last flush.
         if let Err(err) = store.flush_token_uses().await {
             tracing::warn!(error = %err, "cannot record the last API token uses at shutdown");

@@ -82,6 +82,8 @@ pub struct KubeStore {
 
 struct Shared {
     namespace: String,
+    /// The client of every kind's API (also the Lease's).
+    client: Client,
     clusters: Kind<ClusterObj>,
     nodes: Kind<NodeObj>,
     registration_tokens: Kind<ClusterRegistrationToken>,
@@ -266,6 +268,12 @@ impl KubeStore {
         &self.shared.namespace
     }
 
+    /// The Leases of the store's namespace (the replicas' leader election,
+    /// [`crate::leader`]). Its requests run on the store's client.
+    pub fn leases(&self) -> Api<k8s_openapi::api::coordination::v1::Lease> {
+        Api::namespaced(self.shared.client.clone(), &self.shared.namespace)
+    }
+
     /// Runs `f` on the store's runtime and waits for it (from any thread that is not one of
     /// the store's own).
     fn run<T, F, Fut>(&self, f: F) -> Result<T>
@@ -317,6 +325,7 @@ impl Shared {
             tokens: Kind::new(&client, &namespace),
             grants: Kind::new(&client, &namespace),
             namespace,
+            client,
             secrets,
             sealer,
             revision: AtomicU64::new(0),
