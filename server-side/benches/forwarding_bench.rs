@@ -69,29 +69,13 @@ async fn bench(dir: &TempDir, kube: &real_kube::RealKube, rounds: usize) {
     let a = store.replica(&dir_a, "replica-a", &peer);
     let b = store.replica(&dir_b, "replica-b", &peer);
     let on_a = a.client();
-    let reply = on_a
-        .api(
-            "POST",
-            "/v1/clusters",
-            &admin,
-            Some(json!({ "name": "bench" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    let cluster_id = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
-    let registration_token = reply.json()["registrationToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (cluster_id, registration_token) = on_a.create_cluster(&admin, "bench").await;
     let apiserver = FakeApiserver::start().await;
     let _agent = connect_agent(
         &a,
         "/v3/connect",
         agent_headers(&registration_token, &apiserver.cluster_params("sa")),
-        tunnel_proto::driver::connector::Trust::CaBundle {
-            pem: a.ca_pem().into_bytes(),
-            with_system_roots: false,
-        },
+        a.trust(),
         None,
     )
     .await

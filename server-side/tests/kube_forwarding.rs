@@ -68,20 +68,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
     let a_peer = a.peer_addr.unwrap().to_string();
     let (on_a, on_b) = (a.client(), b.client());
 
-    let reply = on_a
-        .api(
-            "POST",
-            "/v1/clusters",
-            &admin,
-            Some(json!({ "name": "far" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    let cluster_id = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
-    let registration_token = reply.json()["registrationToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (cluster_id, registration_token) = on_a.create_cluster(&admin, "far").await;
     let user = |name: &'static str| {
         let on_a = on_a.clone();
         let admin = admin.clone();
@@ -109,10 +96,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
         &a,
         "/v3/connect",
         agent_headers(&registration_token, &apiserver.cluster_params("sa-secret")),
-        tunnel_proto::driver::connector::Trust::CaBundle {
-            pem: a.ca_pem().into_bytes(),
-            with_system_roots: false,
-        },
+        a.trust(),
         None,
     )
     .await
@@ -223,10 +207,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
             &registration_token,
             &json!({"node": {"requestedHostname": "node1"}}),
         ),
-        tunnel_proto::driver::connector::Trust::CaBundle {
-            pem: a.ca_pem().into_bytes(),
-            with_system_roots: false,
-        },
+        a.trust(),
         Some(dockerd.socket.clone()),
     )
     .await

@@ -154,17 +154,7 @@ async fn scenario(dir: &TempDir, kube: &RealKube) {
     );
 
     // === 2. a stale presence marked disconnected by the leader ===
-    let reply = follower
-        .client()
-        .api(
-            "POST",
-            "/v1/clusters",
-            &admin,
-            Some(json!({ "name": "c1" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    let c1 = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
+    let (c1, _) = follower.client().create_cluster(&admin, "c1").await;
     write_stale_presence(kube, &store, &c1, "crashed-replica");
     let started = Instant::now();
     eventually(
@@ -187,44 +177,17 @@ async fn scenario(dir: &TempDir, kube: &RealKube) {
             .log()
             .contains("stale presence marked disconnected")
     );
-    let reply = follower
-        .client()
-        .api(
-            "POST",
-            "/v1/clusters",
-            &admin,
-            Some(json!({ "name": "c2" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    let c2 = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
+    let (c2, _) = follower.client().create_cluster(&admin, "c2").await;
 
     // === 2b. a cluster deleted through one replica closes its tunnel on the other ===
     // No leader involved: every replica's store watch cuts what it holds (crate::live).
-    let reply = follower
-        .client()
-        .api(
-            "POST",
-            "/v1/clusters",
-            &admin,
-            Some(json!({ "name": "c3" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    let c3 = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
-    let c3_token = reply.json()["registrationToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (c3, c3_token) = follower.client().create_cluster(&admin, "c3").await;
     let apiserver = FakeApiserver::start().await;
     let agent = connect_agent(
         &leader,
         "/v3/connect",
         agent_headers(&c3_token, &apiserver.cluster_params("sa-secret")),
-        tunnel_proto::driver::connector::Trust::CaBundle {
-            pem: leader.ca_pem().into_bytes(),
-            with_system_roots: false,
-        },
+        leader.trust(),
         None,
     )
     .await

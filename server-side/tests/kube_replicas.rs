@@ -67,20 +67,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
     let servers = [a.client(), b.client()];
     let names = ["A", "B"];
 
-    let reply = servers[0]
-        .api(
-            "POST",
-            "/v1/clusters",
-            &admin,
-            Some(json!({ "name": "shared" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    let cluster_id = reply.json()["cluster"]["id"].as_str().unwrap().to_owned();
-    let registration_token = reply.json()["registrationToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (cluster_id, registration_token) = servers[0].create_cluster(&admin, "shared").await;
 
     // === (a) users and grants through both replicas at once ===
     let started = Instant::now();
@@ -268,10 +255,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
         &a,
         "/v3/connect",
         agent_headers(&registration_token, &apiserver.cluster_params("sa")),
-        tunnel_proto::driver::connector::Trust::CaBundle {
-            pem: a.ca_pem().into_bytes(),
-            with_system_roots: false,
-        },
+        a.trust(),
         None,
     )
     .await

@@ -180,6 +180,14 @@ impl ServerProc {
         HttpClient::tls(self.addr, self.ca_pem().as_bytes())
     }
 
+    /// What an agent trusts to reach this server: its CA alone.
+    pub fn trust(&self) -> Trust {
+        Trust::CaBundle {
+            pem: self.ca_pem().into_bytes(),
+            with_system_roots: false,
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
@@ -412,6 +420,17 @@ impl HttpClient {
         let headers: Vec<(&str, &str)> =
             auth.iter().map(|a| ("authorization", a.as_str())).collect();
         self.request("GET", path, &headers, None).await
+    }
+
+    /// `POST /v1/clusters` as `admin`: the new cluster's id and registration token.
+    pub async fn create_cluster(&self, admin: &str, name: &str) -> (String, String) {
+        let body = serde_json::json!({ "name": name });
+        let reply = self.api("POST", "/v1/clusters", admin, Some(body)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        let json = reply.json();
+        let id = json["cluster"]["id"].as_str().unwrap().to_owned();
+        let token = json["registrationToken"].as_str().unwrap().to_owned();
+        (id, token)
     }
 
     pub async fn api(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Reply {
