@@ -399,7 +399,7 @@ mod tests {
         );
         assert!(!h.contains_key(AUTHORIZATION));
 
-        let mut h = ws(&format!("{CSRF_PROTOCOL_PREFIX}"));
+        let mut h = ws(CSRF_PROTOCOL_PREFIX);
         assert_eq!(
             sessions.authorize(&Method::GET, &mut h, now),
             Err(SessionError::BadCsrf)

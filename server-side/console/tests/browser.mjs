@@ -157,6 +157,24 @@ try {
   await page.getByRole("heading", { name: "Registration tokens" }).waitFor();
   await shot(page, "05-cluster.png");
 
+  // Its pods page: the namespaces come from the cluster's own API, through the tunnel. (No
+  // shell: this kube-apiserver has no kubelet, so no pod can run or exec.)
+  await page.getByRole("link", { name: "Pods: shells and logs" }).click();
+  await page.getByRole("heading", { name: /^Pods of / }).waitFor();
+  const nsSelect = page.getByLabel("Namespace", { exact: true });
+  await nsSelect
+    .locator("option", { hasText: "kube-system" })
+    .waitFor({ state: "attached" })
+    .catch(async (e) => {
+      throw new Error(`${e.message}\npage says: ${await page.locator("[role=alert]").allTextContents()}`);
+    });
+  await nsSelect.selectOption("default");
+  check(
+    await page.getByRole("button", { name: "Open a shell" }).isDisabled(),
+    "the pods page lists the cluster's namespaces through the tunnel; no pod, so no shell to open",
+  );
+  await shot(page, "05-cluster-pods.png");
+
   // Users and tokens: grant bob the new cluster from the page.
   await page.getByRole("link", { name: "Users and tokens" }).click();
   await page.getByRole("heading", { name: "Grants" }).waitFor();
