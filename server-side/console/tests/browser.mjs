@@ -16,6 +16,7 @@ import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { join } from "node:path";
+import { request as httpsRequest } from "node:https";
 
 const env = (k, d) => {
   const v = process.env[k] ?? d;
@@ -174,6 +175,45 @@ try {
     "the pods page lists the cluster's namespaces through the tunnel; no pod, so no shell to open",
   );
   await shot(page, "05-cluster-pods.png");
+
+  // The exec websocket's handshake as the page's shell makes it, by hand (a browser WebSocket
+  // does not expose the status): without the CSRF token our server refuses it (403); with the
+  // token offered as a subprotocol it reaches the kube-apiserver through the tunnel, which
+  // answers that the pod does not exist (404).
+  const cookie = (await page.context().cookies()).find((c) => c.name === "tunnel_session");
+  const { csrfToken } = await (await page.context().request.get(`${url}/console/session`)).json();
+  const execStatus = (protocols) =>
+    new Promise((resolve, reject) => {
+      const req = httpsRequest(
+        `${url}/k8s/clusters/${clusterId}/api/v1/namespaces/default/pods/nope/exec?command=sh&stdin=true&stdout=true&tty=true`,
+        {
+          rejectUnauthorized: false,
+          headers: {
+            Cookie: `tunnel_session=${cookie.value}`,
+            Connection: "Upgrade",
+            Upgrade: "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": protocols,
+          },
+        },
+      );
+      req.on("response", (r) => {
+        r.resume();
+        resolve(r.statusCode);
+      });
+      req.on("upgrade", (r, socket) => {
+        socket.destroy();
+        resolve(r.statusCode);
+      });
+      req.on("error", reject);
+      req.setTimeout(10000, () => req.destroy(new Error("exec handshake timed out")));
+      req.end();
+    });
+  const refused = await execStatus("v5.channel.k8s.io");
+  check(refused === 403, `an exec websocket on the session without the CSRF token is refused (${refused})`);
+  const reached = await execStatus(`v5.channel.k8s.io, v4.channel.k8s.io, csrf.tunnel-server.${csrfToken}`);
+  check(reached === 404, `with the token as a subprotocol it reaches the kube-apiserver: no such pod (${reached})`);
 
   // Users and tokens: grant bob the new cluster from the page.
   await page.getByRole("link", { name: "Users and tokens" }).click();
