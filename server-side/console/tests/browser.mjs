@@ -199,21 +199,28 @@ try {
         },
       );
       req.on("response", (r) => {
-        r.resume();
-        resolve(r.statusCode);
+        let body = "";
+        r.setEncoding("utf8");
+        r.on("data", (d) => {
+          if (body.length < 4096) body += d;
+        });
+        r.on("end", () => resolve({ status: r.statusCode, body }));
       });
       req.on("upgrade", (r, socket) => {
         socket.destroy();
-        resolve(r.statusCode);
+        resolve({ status: r.statusCode, body: "" });
       });
       req.on("error", reject);
       req.setTimeout(10000, () => req.destroy(new Error("exec handshake timed out")));
       req.end();
     });
   const refused = await execStatus("v5.channel.k8s.io");
-  check(refused === 403, `an exec websocket on the session without the CSRF token is refused (${refused})`);
+  check(refused.status === 403, `an exec websocket on the session without the CSRF token is refused (${refused.status})`);
   const reached = await execStatus(`v5.channel.k8s.io, v4.channel.k8s.io, csrf.tunnel-server.${csrfToken}`);
-  check(reached === 404, `with the token as a subprotocol it reaches the kube-apiserver: no such pod (${reached})`);
+  check(
+    reached.status === 404 && reached.body.includes('pods \\"nope\\" not found'),
+    `with the token as a subprotocol it reaches the kube-apiserver: ${reached.status} ${reached.body.trim()}`,
+  );
 
   // Users and tokens: grant bob the new cluster from the page.
   await page.getByRole("link", { name: "Users and tokens" }).click();
