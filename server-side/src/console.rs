@@ -40,8 +40,10 @@ static ASSETS: &[(&str, &str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/cons
 /// How often an idle event stream sends a comment, so proxies and the browser keep it open.
 const EVENTS_KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// The page's policy: everything from this origin only, nothing inline, no framing.
-const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+/// The page's policy: everything from this origin only, no inline script, no framing. Inline
+/// `<style>` is allowed because xterm.js writes its cell sizes and theme into style elements
+/// it creates (it has no nonce option); styles cannot run code, scripts stay 'self' only.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 const NOT_BUILT: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\

@@ -15,7 +15,12 @@
 //! answer, a cross-site page cannot. Both are compared in constant time. A connection upgrade
 //! (websocket, SPDY: `exec`, `attach`, `port-forward`) counts as a mutation whatever its
 //! method: a browser's WebSocket cannot set headers, so a page of another origin of the same
-//! site (which SameSite does not stop) cannot open one on the user's session.
+//! site (which SameSite does not stop) cannot open one on the user's session. The console's
+//! own websockets (a pod's shell) offer the token as one more subprotocol,
+//! [`CSRF_PROTOCOL_PREFIX`]`<token>` in `Sec-WebSocket-Protocol` (the one header a browser lets
+//! a page set, and one another origin's page cannot fill with the token either, as Kubernetes
+//! does for bearer tokens); [`Sessions::authorize`] takes it out of the list before the
+//! request goes on and checks it exactly as the header.
 //!
 //! Bounds: at most [`SessionLimits::max_sessions`] live sessions (expired ones are dropped
 //! first; when all are live the oldest goes), each living [`SessionLimits::ttl`] from sign-in.
@@ -24,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, COOKIE, UPGRADE};
+use http::header::{AUTHORIZATION, COOKIE, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method};
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
@@ -35,6 +40,11 @@ pub const COOKIE_NAME: &str = "tunnel_session";
 
 /// Header that carries the CSRF token on mutations.
 pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// Prefix of the `Sec-WebSocket-Protocol` entry by which a browser's websocket, which cannot
+/// set [`CSRF_HEADER`], sends the CSRF token (a token is URL-safe base64, all valid
+/// protocol-name characters).
+pub const CSRF_PROTOCOL_PREFIX: &str = "csrf.tunnel-server.";
 
 /// Bytes of randomness in a session id and in a CSRF token (256 bits).
 const SECRET_BYTES: usize = 32;
@@ -209,6 +219,9 @@ impl Sessions {
             return Ok(());
         };
         let session = self.get(id, now).ok_or(SessionError::Unknown)?;
+        if headers.contains_key(UPGRADE) && !headers.contains_key(CSRF_HEADER) {
+            csrf_from_protocols(headers);
+        }
         if is_mutation(method) || headers.contains_key(UPGRADE) {
             check_csrf(&session, headers)?;
         }
@@ -230,6 +243,43 @@ impl Sessions {
 /// The `Set-Cookie` value that deletes the session cookie.
 pub fn clear_cookie() -> String {
     format!("{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Strict")
+}
+
+/// Moves a [`CSRF_PROTOCOL_PREFIX`] entry of `Sec-WebSocket-Protocol` into [`CSRF_HEADER`] and
+/// takes it out of the list (the upstream never sees it, and never picks it as the protocol);
+/// the header goes when nothing else is left in it. Several such entries: none is taken, so
+/// the check fails as without a token.
+fn csrf_from_protocols(headers: &mut HeaderMap) {
+    let offered: Vec<String> = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let (tokens, rest): (Vec<&String>, Vec<&String>) = offered
+        .iter()
+        .partition(|p| p.starts_with(CSRF_PROTOCOL_PREFIX));
+    if tokens.is_empty() {
+        return;
+    }
+    headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    if !rest.is_empty() {
+        let joined = rest
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            headers.insert(SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+    if let [token] = tokens.as_slice()
+        && let Ok(v) = HeaderValue::from_str(&token[CSRF_PROTOCOL_PREFIX.len()..])
+    {
+        headers.insert(CSRF_HEADER, v);
+    }
 }
 
 /// Checks a request's [`CSRF_HEADER`] against its session's token, in constant time.
@@ -312,6 +362,78 @@ mod tests {
         h.insert(CSRF_HEADER, HeaderValue::from_str(&csrf).unwrap());
         sessions.authorize(&Method::GET, &mut h, now).unwrap();
         assert_eq!(h[AUTHORIZATION], "Bearer t");
+    }
+
+    #[test]
+    fn a_websocket_may_offer_the_csrf_token_as_a_subprotocol_which_is_then_removed() {
+        let sessions = Sessions::default();
+        let now = Instant::now();
+        let (id, csrf) = sessions.create("t", now);
+        let (_, other_csrf) = sessions.create("t2", now);
+        let ws = |protocols: &str| {
+            let mut h = with_cookie(&id);
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(
+                SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(protocols).unwrap(),
+            );
+            h
+        };
+
+        let mut h = ws(&format!(
+            "v5.channel.k8s.io, {CSRF_PROTOCOL_PREFIX}{csrf}, v4.channel.k8s.io"
+        ));
+        sessions.authorize(&Method::GET, &mut h, now).unwrap();
+        assert_eq!(h[AUTHORIZATION], "Bearer t");
+        assert_eq!(
+            h[SEC_WEBSOCKET_PROTOCOL],
+            "v5.channel.k8s.io, v4.channel.k8s.io"
+        );
+
+        let mut h = ws(&format!(
+            "v5.channel.k8s.io, {CSRF_PROTOCOL_PREFIX}{other_csrf}"
+        ));
+        assert_eq!(
+            sessions.authorize(&Method::GET, &mut h, now),
+            Err(SessionError::BadCsrf)
+        );
+        assert!(!h.contains_key(AUTHORIZATION));
+
+        let mut h = ws(CSRF_PROTOCOL_PREFIX);
+        assert_eq!(
+            sessions.authorize(&Method::GET, &mut h, now),
+            Err(SessionError::BadCsrf)
+        );
+
+        let mut h = ws(&format!(
+            "{CSRF_PROTOCOL_PREFIX}{csrf}, {CSRF_PROTOCOL_PREFIX}{other_csrf}"
+        ));
+        assert_eq!(
+            sessions.authorize(&Method::GET, &mut h, now),
+            Err(SessionError::MissingCsrf)
+        );
+
+        let mut h = ws("v5.channel.k8s.io");
+        assert_eq!(
+            sessions.authorize(&Method::GET, &mut h, now),
+            Err(SessionError::MissingCsrf)
+        );
+
+        // The token as the only entry: the header goes entirely.
+        let mut h = ws(&format!("{CSRF_PROTOCOL_PREFIX}{csrf}"));
+        sessions.authorize(&Method::GET, &mut h, now).unwrap();
+        assert!(!h.contains_key(SEC_WEBSOCKET_PROTOCOL));
+
+        // Without an upgrade the protocol list is not a place for the token.
+        let mut h = with_cookie(&id);
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(&format!("{CSRF_PROTOCOL_PREFIX}{csrf}")).unwrap(),
+        );
+        assert_eq!(
+            sessions.authorize(&Method::POST, &mut h, now),
+            Err(SessionError::MissingCsrf)
+        );
     }
 
     #[test]

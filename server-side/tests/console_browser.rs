@@ -69,6 +69,15 @@ async fn the_console_in_headless_chromium() {
         return;
     };
     let projected = kube.cattle_service_account();
+    // The server impersonates the console's user; the admin is the cluster's admin (its pods page
+    // lists namespaces through the tunnel), bob is given nothing.
+    kube.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "console-root-admin",
+        "--clusterrole=cluster-admin",
+        "--user=root",
+    ]);
 
     let server = ServerProc::start(dir.path());
     let http = server.client();

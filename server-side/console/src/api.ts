@@ -74,6 +74,11 @@ export function setCsrf(token: string) {
   csrfToken = token;
 }
 
+/** The session's CSRF token, for a websocket to offer as a subprotocol (it cannot set headers). */
+export function csrf(): string {
+  return csrfToken;
+}
+
 export async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
   const headers: Record<string, string> = { Accept: "application/json" };
   if (method !== "GET") headers["X-CSRF-Token"] = csrfToken;

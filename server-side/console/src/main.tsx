@@ -5,6 +5,7 @@ import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { ApiError, currentSession, signIn, signOut, type User } from "./api";
 import { AddClusterPage, ClusterPage, ClustersPage, UsersPage, useLiveFeed } from "./pages";
+import { PodShellPage } from "./terminal";
 import "./style.css";
 
 function useRoute(): string {
@@ -75,8 +76,10 @@ function Shell({ user, onSignedOut }: { user: User; onSignedOut: () => void }) {
     }
   };
   let page;
+  const pods = route.match(/^\/clusters\/(c-[a-z0-9]+)\/pods$/);
   const cluster = route.match(/^\/clusters\/(c-[a-z0-9]+)$/);
   if (route === "/clusters/new" && user.admin) page = <AddClusterPage />;
+  else if (pods) page = <PodShellPage id={pods[1]} />;
   else if (cluster) page = <ClusterPage id={cluster[1]} user={user} live={live} />;
   else if (route === "/users" && user.admin) page = <UsersPage />;
   else page = <ClustersPage user={user} live={live} />;

@@ -231,6 +231,9 @@ export function ClusterPage({ id, user, live }: { id: string; user: User; live: 
           <dd>{when(cluster.createdAt)}</dd>
         </dl>
       )}
+      <p>
+        <a href={`#/clusters/${id}/pods`}>Pods: shells and logs</a>
+      </p>
       <h2>Nodes</h2>
       {nodes && nodes.length === 0 && <p>No node agent has registered.</p>}
       {nodes && nodes.length > 0 && (

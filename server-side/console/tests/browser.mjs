@@ -16,6 +16,7 @@ import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { join } from "node:path";
+import { request as httpsRequest } from "node:https";
 
 const env = (k, d) => {
   const v = process.env[k] ?? d;
@@ -156,6 +157,70 @@ try {
   await page.getByText("Tunnel owner").waitFor();
   await page.getByRole("heading", { name: "Registration tokens" }).waitFor();
   await shot(page, "05-cluster.png");
+
+  // Its pods page: the namespaces come from the cluster's own API, through the tunnel. (No
+  // shell: this kube-apiserver has no kubelet, so no pod can run or exec.)
+  await page.getByRole("link", { name: "Pods: shells and logs" }).click();
+  await page.getByRole("heading", { name: /^Pods of / }).waitFor();
+  const nsSelect = page.getByLabel("Namespace", { exact: true });
+  await nsSelect
+    .locator("option", { hasText: "kube-system" })
+    .waitFor({ state: "attached" })
+    .catch(async (e) => {
+      throw new Error(`${e.message}\npage says: ${await page.locator("[role=alert]").allTextContents()}`);
+    });
+  await nsSelect.selectOption("default");
+  check(
+    await page.getByRole("button", { name: "Open a shell" }).isDisabled(),
+    "the pods page lists the cluster's namespaces through the tunnel; no pod, so no shell to open",
+  );
+  await shot(page, "05-cluster-pods.png");
+
+  // The exec websocket's handshake as the page's shell makes it, by hand (a browser WebSocket
+  // does not expose the status): without the CSRF token our server refuses it (403); with the
+  // token offered as a subprotocol it reaches the kube-apiserver through the tunnel, which
+  // answers that the pod does not exist (404).
+  const cookie = (await page.context().cookies()).find((c) => c.name === "tunnel_session");
+  const { csrfToken } = await (await page.context().request.get(`${url}/console/session`)).json();
+  const execStatus = (protocols) =>
+    new Promise((resolve, reject) => {
+      const req = httpsRequest(
+        `${url}/k8s/clusters/${clusterId}/api/v1/namespaces/default/pods/nope/exec?command=sh&stdin=true&stdout=true&tty=true`,
+        {
+          rejectUnauthorized: false,
+          headers: {
+            Cookie: `tunnel_session=${cookie.value}`,
+            Connection: "Upgrade",
+            Upgrade: "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": protocols,
+          },
+        },
+      );
+      req.on("response", (r) => {
+        let body = "";
+        r.setEncoding("utf8");
+        r.on("data", (d) => {
+          if (body.length < 4096) body += d;
+        });
+        r.on("end", () => resolve({ status: r.statusCode, body }));
+      });
+      req.on("upgrade", (r, socket) => {
+        socket.destroy();
+        resolve({ status: r.statusCode, body: "" });
+      });
+      req.on("error", reject);
+      req.setTimeout(10000, () => req.destroy(new Error("exec handshake timed out")));
+      req.end();
+    });
+  const refused = await execStatus("v5.channel.k8s.io");
+  check(refused.status === 403, `an exec websocket on the session without the CSRF token is refused (${refused.status})`);
+  const reached = await execStatus(`v5.channel.k8s.io, v4.channel.k8s.io, csrf.tunnel-server.${csrfToken}`);
+  check(
+    reached.status === 404 && reached.body.includes('pods \\"nope\\" not found'),
+    `with the token as a subprotocol it reaches the kube-apiserver: ${reached.status} ${reached.body.trim()}`,
+  );
 
   // Users and tokens: grant bob the new cluster from the page.
   await page.getByRole("link", { name: "Users and tokens" }).click();
