@@ -31,7 +31,6 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use replicas::{KubeStore, start_kube};

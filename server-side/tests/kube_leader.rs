@@ -21,7 +21,6 @@ mod replicas;
 
 use std::time::{Duration, Instant};
 
-use http::StatusCode;
 use serde_json::json;
 use server_side::leader::LEASE_NAME;
 use server_side::store::kube::crd;
