@@ -126,6 +126,15 @@ async fn a_fresh_dial_refused_by_a_draining_replica_goes_through_the_older_one()
         )
         .await
         .expect("older replica");
+        // The server registers a session only after storing its params, so the older one
+        // must be registered before the newer dials: otherwise the newer could register first
+        // and be the one the proxy treats as older.
+        eventually(
+            Duration::from_secs(10),
+            "the older session registered",
+            || async { (sessions(&server).await == "1").then_some(()) },
+        )
+        .await;
         let newer = dial_agent(
             &server,
             "/v3/connect",
