@@ -394,15 +394,28 @@ pub async fn forwarded_user(
     }
 }
 
-/// Where a proxied request for `key` goes: [`Route::Local`] without peering.
-pub async fn route_of<B>(app: &SharedApp, req: &Request<B>, key: &ClientKey) -> Route {
-    match &app.peers {
-        Some(peers) => {
-            peers
-                .route(app, key, req.extensions().get::<Forwarded>())
-                .await
-        }
-        None => Route::Local,
+/// For the proxies: `Ok` with the request and its audit back when this replica serves a
+/// request for `key` (it holds the tunnel, nobody does, or there is no peering); otherwise the
+/// response to it, from the owner it was forwarded to or the refusal.
+pub async fn forward_unless_local(
+    app: &SharedApp,
+    req: Request<Incoming>,
+    audit: Audit,
+    user: &User,
+    key: &ClientKey,
+) -> Result<(Request<Incoming>, Audit), Response<ResponseBody>> {
+    let Some(peers) = &app.peers else {
+        return Ok((req, audit));
+    };
+    match peers
+        .route(app, key, req.extensions().get::<Forwarded>())
+        .await
+    {
+        Route::Local => Ok((req, audit)),
+        Route::Owner { replica, address } => Err(peers
+            .forward(app, req, audit, user, &replica, &address)
+            .await),
+        Route::Refused(resp) => Err(audit.respond(resp)),
     }
 }
 

@@ -19,7 +19,6 @@ use super::pool::current_session;
 use super::{Audit, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
 use crate::http_util::{store_failure, text};
-use crate::peers::Route;
 
 /// Serves one request for node `node_id`; `rest` is the path after the prefix.
 pub async fn handle(
@@ -58,19 +57,11 @@ pub async fn handle(
         Err(err) => return audit.respond(store_failure(&err)),
     }
     let key = ClientKey::new(node.client_key());
-    match crate::peers::route_of(&app, &req, &key).await {
-        Route::Local => {}
-        Route::Owner { replica, address } => {
-            let peers = app
-                .peers
-                .as_ref()
-                .expect("an owner is only named with peering");
-            return peers
-                .forward(&app, req, audit, &user, &replica, &address)
-                .await;
-        }
-        Route::Refused(resp) => return audit.respond(resp),
-    }
+    let (req, audit) = match crate::peers::forward_unless_local(&app, req, audit, &user, &key).await
+    {
+        Ok(local) => local,
+        Err(resp) => return resp,
+    };
     let rest = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{rest}?{q}"),

@@ -21,7 +21,6 @@ use super::pool::{current_session, usable_sessions};
 use super::{Audit, Fresh, ProxyError, Rewrite, Upstream, dial_label, forward, handshake};
 use crate::app::SharedApp;
 use crate::http_util::{store_failure, text};
-use crate::peers::Route;
 use crate::store::Cluster;
 
 /// Bound on the TLS handshake with the apiserver through the tunnel.
@@ -62,19 +61,11 @@ pub async fn handle(
         Err(err) => return audit.respond(store_failure(&err)),
     }
     let client_key = ClientKey::new(cluster_id);
-    match crate::peers::route_of(&app, &req, &client_key).await {
-        Route::Local => {}
-        Route::Owner { replica, address } => {
-            let peers = app
-                .peers
-                .as_ref()
-                .expect("an owner is only named with peering");
-            return peers
-                .forward(&app, req, audit, &user, &replica, &address)
-                .await;
-        }
-        Route::Refused(resp) => return audit.respond(resp),
-    }
+    let (req, audit) =
+        match crate::peers::forward_unless_local(&app, req, audit, &user, &client_key).await {
+            Ok(local) => local,
+            Err(resp) => return resp,
+        };
     let target = match Target::of(&cluster) {
         Ok(t) => t,
         Err(err) => return audit.respond(err.into_response()),
