@@ -70,15 +70,7 @@ async fn bench(dir: &TempDir, kube: &real_kube::RealKube, rounds: usize) {
     let on_a = a.client();
     let (cluster_id, registration_token) = on_a.create_cluster(&admin, "bench").await;
     let apiserver = FakeApiserver::start().await;
-    let _agent = connect_agent(
-        &a,
-        "/v3/connect",
-        agent_headers(&registration_token, &apiserver.cluster_params("sa")),
-        a.trust(),
-        None,
-    )
-    .await
-    .unwrap();
+    let _agent = connect_cluster_agent(&a, &registration_token, &apiserver, "sa").await;
     let on_b = b.client();
     let path = format!("/k8s/clusters/{cluster_id}/version");
     eventually(Duration::from_secs(10), "B forwards to A", || async {

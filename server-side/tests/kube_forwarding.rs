@@ -92,15 +92,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
 
     // === 1. B learns who holds the tunnel, and where that replica listens ===
     let apiserver = FakeApiserver::start().await;
-    let agent = connect_agent(
-        &a,
-        "/v3/connect",
-        agent_headers(&registration_token, &apiserver.cluster_params("sa-secret")),
-        a.trust(),
-        None,
-    )
-    .await
-    .unwrap();
+    let agent = connect_cluster_agent(&a, &registration_token, &apiserver, "sa-secret").await;
     let presence = |server: HttpClient| {
         let (admin, cluster_id) = (admin.clone(), cluster_id.clone());
         async move {

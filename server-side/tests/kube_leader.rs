@@ -182,15 +182,7 @@ async fn scenario(dir: &TempDir, kube: &RealKube) {
     // No leader involved: every replica's store watch cuts what it holds (crate::live).
     let (c3, c3_token) = follower.client().create_cluster(&admin, "c3").await;
     let apiserver = FakeApiserver::start().await;
-    let agent = connect_agent(
-        &leader,
-        "/v3/connect",
-        agent_headers(&c3_token, &apiserver.cluster_params("sa-secret")),
-        leader.trust(),
-        None,
-    )
-    .await
-    .unwrap();
+    let agent = connect_cluster_agent(&leader, &c3_token, &apiserver, "sa-secret").await;
     eventually(
         Duration::from_secs(10),
         "c3 connected on the leader",

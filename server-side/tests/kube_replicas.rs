@@ -251,15 +251,7 @@ async fn scenario(dir: &TempDir, kube: Arc<RealKube>) {
 
     // === (d) presence: a cluster agent on A shows in the Cluster's status, seen from B ===
     let apiserver = FakeApiserver::start().await;
-    let agent = connect_agent(
-        &a,
-        "/v3/connect",
-        agent_headers(&registration_token, &apiserver.cluster_params("sa")),
-        a.trust(),
-        None,
-    )
-    .await
-    .unwrap();
+    let agent = connect_cluster_agent(&a, &registration_token, &apiserver, "sa").await;
     let status = |want: &'static str| {
         let (kube, ns, cluster_id) = (kube.clone(), ns.clone(), cluster_id.clone());
         async move {

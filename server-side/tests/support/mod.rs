@@ -488,6 +488,20 @@ pub async fn connect_agent(
     Ok(tunnel)
 }
 
+/// A cluster agent on `server` (its CA trusted) whose cluster params point at `apiserver` with
+/// service-account token `sa_token`: [`connect_agent`] on `/v3/connect`.
+pub async fn connect_cluster_agent(
+    server: &ServerProc,
+    registration_token: &str,
+    apiserver: &FakeApiserver,
+    sa_token: &str,
+) -> Tunnel {
+    let headers = agent_headers(registration_token, &apiserver.cluster_params(sa_token));
+    connect_agent(server, "/v3/connect", headers, server.trust(), None)
+        .await
+        .expect("cluster agent connects")
+}
+
 /// Dials a tunnel to the server as an agent would, with `authorizer` deciding the server's
 /// Connects; nothing serves its streams.
 pub async fn dial_agent(
